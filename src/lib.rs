@@ -1,0 +1,3 @@
+pub mod seed {
+    pub mod yaml;
+}

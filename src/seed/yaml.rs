@@ -64,7 +64,10 @@ pub struct SyntaxError {
 /// Parses one YAML document into a [`Node`] tree.
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     if text.trim().is_empty() {
-        return Ok(Node { line: 1, value: Value::Map(Vec::new()) });
+        return Ok(Node {
+            line: 1,
+            value: Value::Map(Vec::new()),
+        });
     }
     match serde_saphyr::from_str::<Spanned<Value>>(text) {
         Ok(spanned) => Ok(into_node(spanned)),
@@ -84,7 +87,10 @@ fn first_line(message: &str) -> String {
 }
 
 fn into_node(spanned: Spanned<Value>) -> Node {
-    Node { line: spanned.referenced.line(), value: spanned.value }
+    Node {
+        line: spanned.referenced.line(),
+        value: spanned.value,
+    }
 }
 
 impl<'de> Deserialize<'de> for Value {
@@ -115,7 +121,9 @@ impl<'de> Visitor<'de> for ValueVisitor {
         Ok(Value::Int(v))
     }
     fn visit_u128<E: de::Error>(self, v: u128) -> Result<Value, E> {
-        i128::try_from(v).map(Value::Int).map_err(|_| E::custom("integer too large"))
+        i128::try_from(v)
+            .map(Value::Int)
+            .map_err(|_| E::custom("integer too large"))
     }
     fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
         Ok(Value::Float(v))
@@ -166,7 +174,10 @@ impl<'de> Deserialize<'de> for KeyText {
             Value::Float(f) => Ok(KeyText(f.to_string())),
             Value::Bool(b) => Ok(KeyText(b.to_string())),
             Value::Null => Ok(KeyText("null".to_owned())),
-            other => Err(de::Error::custom(format!("mapping keys must be scalars, found {}", other.kind()))),
+            other => Err(de::Error::custom(format!(
+                "mapping keys must be scalars, found {}",
+                other.kind()
+            ))),
         }
     }
 }
@@ -177,15 +188,27 @@ mod tests {
 
     #[test]
     fn keeps_lines_numbers_and_order() {
-        let doc = parse("a: 1\nb:\n  - x\n  - 5e-08\n  - 6.0e-05\nc: {d: 12345678901234567890}\n").unwrap();
+        let doc = parse("a: 1\nb:\n  - x\n  - 5e-08\n  - 6.0e-05\nc: {d: 12345678901234567890}\n")
+            .unwrap();
         let b = doc.get("b").unwrap();
         assert_eq!(b.line, 3);
-        let Value::Seq(items) = &b.value else { panic!("{b:?}") };
-        assert_eq!(items[0], Node { line: 3, value: Value::Str("x".into()) });
+        let Value::Seq(items) = &b.value else {
+            panic!("{b:?}")
+        };
+        assert_eq!(
+            items[0],
+            Node {
+                line: 3,
+                value: Value::Str("x".into())
+            }
+        );
         assert_eq!(items[1].value, Value::Float(5e-8));
         assert_eq!(items[2].value, Value::Float(6e-5));
         assert_eq!(items[2].line, 5);
-        assert_eq!(doc.get("c").unwrap().get("d").unwrap().value, Value::Int(12345678901234567890));
+        assert_eq!(
+            doc.get("c").unwrap().get("d").unwrap().value,
+            Value::Int(12345678901234567890)
+        );
     }
 
     #[test]

@@ -1,0 +1,362 @@
+//! The loaded metadata: consumers, their metadata entries and lists, with every header value of an
+//! allowed answer computed once at load time.
+//!
+//! A request only clones ready-made `HeaderValue`s (a reference-count increment each), so the hot path
+//! formats nothing. Values are validated before they get here (`seed::parse`); construction still
+//! refuses anything that cannot be a header value, so an invalid header can never be sent.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::HeaderValue;
+
+use super::format::{Number, ascii_json_string_array, write_ascii_json_string, write_number_array};
+
+/// The twelve header names of an allowed answer, in the order the SPEC lists them.
+pub const METADATA_HEADER_NAMES: [&str; 12] = [
+    "x-user-tdl-matrix",
+    "x-user-capabilities",
+    "x-consumer-id",
+    "x-user-max-input-tokens",
+    "x-user-max-output-tokens",
+    "x-user-input-cost",
+    "x-user-output-cost",
+    "x-user-provider",
+    "x-user-tags",
+    "x-consumer-username",
+    "x-consumer-custom-id",
+    "x-consumer-groups",
+];
+
+/// Number of slots in a day (`T1`..`T12`).
+pub const SLOTS: usize = 12;
+
+/// The fields of one `metadata_list` entry, as written in the seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntryFields {
+    pub id: String,
+    pub provider_name: String,
+    pub tags: Vec<String>,
+    pub tdl_matrix: [Vec<Number>; SLOTS],
+    pub capabilities: Vec<u8>,
+    pub max_input_tokens: u64,
+    pub max_output_tokens: u64,
+    pub input_cost_per_token: Number,
+    pub output_cost_per_token: Number,
+}
+
+/// A metadata entry with its precomputed header values and JSON forms.
+#[derive(Debug)]
+pub struct Entry {
+    pub fields: EntryFields,
+    pub id: Arc<str>,
+    /// Values of the first nine headers of [`METADATA_HEADER_NAMES`].
+    headers: [HeaderValue; 9],
+    /// `{"T1":[..],..,"T12":[..]}`, shared by the header and `/api/tdl-matrix`.
+    tdl_json: Bytes,
+    /// The entry as a JSON object, for `/api/user-metadata`.
+    json: String,
+}
+
+/// Why a value cannot be sent as a header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidHeader {
+    pub header: &'static str,
+}
+
+fn header_value(
+    header: &'static str,
+    text: impl Into<Bytes>,
+) -> Result<HeaderValue, InvalidHeader> {
+    let bytes: Bytes = text.into();
+    if !bytes.iter().all(|b| (0x20..0x7f).contains(b)) {
+        return Err(InvalidHeader { header });
+    }
+    HeaderValue::from_maybe_shared(bytes).map_err(|_| InvalidHeader { header })
+}
+
+impl Entry {
+    pub fn new(fields: EntryFields) -> Result<Entry, InvalidHeader> {
+        let tdl_json = Bytes::from(tdl_matrix_json(&fields.tdl_matrix));
+        let capabilities = format!(
+            "[{}]",
+            fields
+                .capabilities
+                .iter()
+                .map(u8::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let headers = [
+            header_value(METADATA_HEADER_NAMES[0], tdl_json.clone())?,
+            header_value(METADATA_HEADER_NAMES[1], capabilities)?,
+            header_value(METADATA_HEADER_NAMES[2], fields.id.clone())?,
+            header_value(
+                METADATA_HEADER_NAMES[3],
+                fields.max_input_tokens.to_string(),
+            )?,
+            header_value(
+                METADATA_HEADER_NAMES[4],
+                fields.max_output_tokens.to_string(),
+            )?,
+            header_value(
+                METADATA_HEADER_NAMES[5],
+                fields.input_cost_per_token.to_plain(),
+            )?,
+            header_value(
+                METADATA_HEADER_NAMES[6],
+                fields.output_cost_per_token.to_plain(),
+            )?,
+            header_value(METADATA_HEADER_NAMES[7], fields.provider_name.clone())?,
+            header_value(
+                METADATA_HEADER_NAMES[8],
+                ascii_json_string_array(&fields.tags),
+            )?,
+        ];
+        let json = entry_json(&fields, &tdl_json, &headers[1]);
+        Ok(Entry {
+            id: Arc::from(fields.id.as_str()),
+            fields,
+            headers,
+            tdl_json,
+            json,
+        })
+    }
+
+    pub fn headers(&self) -> &[HeaderValue; 9] {
+        &self.headers
+    }
+
+    /// Total length of the header values, to keep answers under gateways' header buffers.
+    pub fn header_bytes(&self) -> usize {
+        self.headers.iter().map(HeaderValue::len).sum()
+    }
+
+    pub fn tdl_matrix_json(&self) -> &str {
+        // Built from a `String` in `new`, so always UTF-8.
+        std::str::from_utf8(&self.tdl_json).unwrap_or("null")
+    }
+
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+}
+
+fn tdl_matrix_json(matrix: &[Vec<Number>; SLOTS]) -> String {
+    let mut out = String::from("{");
+    for (slot, values) in matrix.iter().enumerate() {
+        if slot > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!("\"T{}\":", slot + 1));
+        write_number_array(&mut out, values);
+    }
+    out.push('}');
+    out
+}
+
+fn entry_json(fields: &EntryFields, tdl_json: &Bytes, capabilities: &HeaderValue) -> String {
+    let mut out = String::from("{\"id\":");
+    write_ascii_json_string(&mut out, &fields.id);
+    out.push_str(",\"provider_name\":");
+    write_ascii_json_string(&mut out, &fields.provider_name);
+    out.push_str(",\"tags\":");
+    out.push_str(&ascii_json_string_array(&fields.tags));
+    out.push_str(",\"tdl_matrix\":");
+    out.push_str(std::str::from_utf8(tdl_json).unwrap_or("null"));
+    out.push_str(",\"capabilities\":");
+    out.push_str(capabilities.to_str().unwrap_or("[]"));
+    out.push_str(&format!(
+        ",\"max_input_tokens\":{},\"max_output_tokens\":{}",
+        fields.max_input_tokens, fields.max_output_tokens
+    ));
+    out.push_str(",\"input_cost_per_token\":");
+    fields.input_cost_per_token.write_plain(&mut out);
+    out.push_str(",\"output_cost_per_token\":");
+    fields.output_cost_per_token.write_plain(&mut out);
+    out.push('}');
+    out
+}
+
+/// One `metadata_list`: entries in configured order, ids unique.
+#[derive(Debug, Default)]
+pub struct MetadataList {
+    entries: Vec<Arc<Entry>>,
+}
+
+impl MetadataList {
+    pub fn new(entries: Vec<Arc<Entry>>) -> MetadataList {
+        MetadataList { entries }
+    }
+
+    pub fn entries(&self) -> &[Arc<Entry>] {
+        &self.entries
+    }
+
+    pub fn first(&self) -> Option<&Arc<Entry>> {
+        self.entries.first()
+    }
+
+    /// Lists are a handful of entries: a linear scan beats hashing.
+    pub fn find(&self, id: &str) -> Option<&Arc<Entry>> {
+        self.entries.iter().find(|e| &*e.id == id)
+    }
+
+    /// `[{..},{..}]` for `/api/user-metadata`.
+    pub fn json(&self) -> String {
+        let mut out = String::from("[");
+        for (i, entry) in self.entries.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(entry.json());
+        }
+        out.push(']');
+        out
+    }
+}
+
+/// A consumer (Kong's notion): identity, ACL groups, and its own metadata list if it has one.
+#[derive(Debug)]
+pub struct Consumer {
+    pub username: Arc<str>,
+    pub custom_id: Option<String>,
+    pub groups: Vec<String>,
+    pub metadata: Option<Arc<MetadataList>>,
+    /// Values of the last three headers of [`METADATA_HEADER_NAMES`].
+    identity: [HeaderValue; 3],
+}
+
+impl Consumer {
+    pub fn new(
+        username: String,
+        custom_id: Option<String>,
+        groups: Vec<String>,
+        metadata: Option<Arc<MetadataList>>,
+    ) -> Result<Consumer, InvalidHeader> {
+        let identity = [
+            header_value(METADATA_HEADER_NAMES[9], username.clone())?,
+            header_value(
+                METADATA_HEADER_NAMES[10],
+                custom_id.clone().unwrap_or_default(),
+            )?,
+            header_value(METADATA_HEADER_NAMES[11], groups.join(", "))?,
+        ];
+        Ok(Consumer {
+            username: Arc::from(username),
+            custom_id,
+            groups,
+            metadata,
+            identity,
+        })
+    }
+
+    pub fn identity_headers(&self) -> &[HeaderValue; 3] {
+        &self.identity
+    }
+
+    pub fn identity_bytes(&self) -> usize {
+        self.identity.iter().map(HeaderValue::len).sum()
+    }
+
+    pub fn in_any_group(&self, groups: &[String]) -> bool {
+        self.groups.iter().any(|g| groups.contains(g))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn sample_fields(id: &str) -> EntryFields {
+        let row = vec![
+            Number::Int(0),
+            Number::Int(0),
+            Number::Int(0),
+            Number::Int(0),
+            Number::Int(0),
+            Number::Int(3),
+            Number::Int(0),
+            Number::Int(0),
+            Number::Int(0),
+            Number::Int(0),
+        ];
+        EntryFields {
+            id: id.to_owned(),
+            provider_name: "kt".to_owned(),
+            tags: vec!["kt".to_owned(), "믿음".to_owned()],
+            tdl_matrix: std::array::from_fn(|_| row.clone()),
+            capabilities: vec![1, 1, 0, 0, 0],
+            max_input_tokens: 50000,
+            max_output_tokens: 20000,
+            input_cost_per_token: Number::Float(5e-8),
+            output_cost_per_token: Number::Float(2e-7),
+        }
+    }
+
+    #[test]
+    fn entry_headers_match_the_seed_document() {
+        let entry = Entry::new(sample_fields("kt-midm-base")).unwrap();
+        let h: Vec<&str> = entry
+            .headers()
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        let row = "[0,0,0,0,0,3,0,0,0,0]";
+        let matrix: Vec<String> = (1..=12).map(|i| format!("\"T{i}\":{row}")).collect();
+        assert_eq!(h[0], format!("{{{}}}", matrix.join(",")));
+        assert_eq!(h[1], "[1,1,0,0,0]");
+        assert_eq!(h[2], "kt-midm-base");
+        assert_eq!(h[3], "50000");
+        assert_eq!(h[4], "20000");
+        assert_eq!(h[5], "0.00000005");
+        assert_eq!(h[6], "0.0000002");
+        assert_eq!(h[7], "kt");
+        assert_eq!(h[8], r#"["kt","\ubbff\uc74c"]"#);
+    }
+
+    #[test]
+    fn matrix_keys_are_in_numeric_order() {
+        let entry = Entry::new(sample_fields("x")).unwrap();
+        let json = entry.tdl_matrix_json();
+        let t2 = json.find("\"T2\"").unwrap();
+        let t10 = json.find("\"T10\"").unwrap();
+        let t12 = json.find("\"T12\"").unwrap();
+        assert!(t2 < t10 && t10 < t12);
+        let parsed: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(parsed["T12"][5], 3);
+    }
+
+    #[test]
+    fn entry_json_round_trips() {
+        let entry = Entry::new(sample_fields("x")).unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(entry.json()).unwrap();
+        assert_eq!(parsed["tags"][1], "믿음");
+        assert_eq!(parsed["input_cost_per_token"], 5e-8);
+        assert_eq!(parsed["max_output_tokens"], 20000);
+    }
+
+    #[test]
+    fn identity_headers() {
+        let c = Consumer::new(
+            "user1-client".into(),
+            None,
+            vec!["a".into(), "b".into()],
+            None,
+        )
+        .unwrap();
+        let h: Vec<&str> = c
+            .identity_headers()
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(h, ["user1-client", "", "a, b"]);
+    }
+
+    #[test]
+    fn control_characters_never_reach_a_header() {
+        let mut fields = sample_fields("x");
+        fields.provider_name = "k\nt".into();
+        assert_eq!(Entry::new(fields).unwrap_err().header, "x-user-provider");
+    }
+}

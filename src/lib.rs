@@ -3,7 +3,9 @@
 //! `core` decides (pure); `seed` and `config` load what it decides on; `tdl` counts allowed calls per
 //! time slot; `http` serves it all; `cli` is what the binary runs.
 
+pub mod clock;
+pub mod config;
 pub mod core;
-pub mod seed {
-    pub mod yaml;
-}
+pub mod problem;
+pub mod seed;
+pub mod tdl;

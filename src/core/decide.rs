@@ -41,6 +41,36 @@ pub struct Catalog {
 }
 
 impl Catalog {
+    /// Indexes consumers by key digest and routes by prefix. Seed and config are already validated.
+    pub fn new(
+        consumers: Vec<(Arc<Consumer>, Vec<KeyHash>)>,
+        seed_routes: Vec<(SeedRoute, Vec<String>)>,
+        config_routes: Vec<ConfigRoute>,
+        global: Option<Arc<MetadataList>>,
+    ) -> Catalog {
+        let mut catalog = Catalog {
+            policy: Policy {
+                global,
+                ..Policy::default()
+            },
+            ..Catalog::default()
+        };
+        for (consumer, keys) in consumers {
+            for key in keys {
+                catalog.by_key.insert(key, consumer.clone());
+            }
+            catalog.consumers.push(consumer);
+        }
+        for (route, prefixes) in seed_routes {
+            catalog.policy.seed_routes.insert(route, &prefixes);
+        }
+        for route in config_routes {
+            let prefix = vec![route.prefix.clone()];
+            catalog.policy.config_routes.insert(route, &prefix);
+        }
+        catalog
+    }
+
     pub fn entry_count(&self) -> usize {
         let mut lists: Vec<&Arc<MetadataList>> = self
             .consumers

@@ -1,11 +1,16 @@
 //! user-metadata-auth: a forward-auth service for AI/LLM API gateways.
 //!
-//! `core` decides (pure); `seed` and `config` load what it decides on; `tdl` counts allowed calls per
-//! time slot; `http` serves it all; `cli` is what the binary runs.
+//! `core` decides (pure, no I/O); `seed` and `config` load what it decides on; `tdl` counts allowed
+//! calls per time slot; `http` serves it all; `service` wires the pieces; `cli` is what the binary runs.
 
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod core;
+pub mod http;
+pub mod logging;
+pub mod metrics;
 pub mod problem;
 pub mod seed;
+pub mod service;
 pub mod tdl;

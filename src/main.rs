@@ -1,3 +1,5 @@
-fn main() {
-    println!("Hello, world!");
+//! The `user-metadata-auth` binary: all logic lives in the library.
+
+fn main() -> std::process::ExitCode {
+    user_metadata_auth::cli::run()
 }

@@ -1,0 +1,197 @@
+//! The command line (SPEC §2): `serve` (default), `check`, `hash-key`.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::clock::SystemClock;
+use crate::config::{Loaded, Settings};
+use crate::core::KeyHash;
+use crate::core::decide::Catalog;
+use crate::problem::Problem;
+use crate::service;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "user-metadata-auth",
+    version,
+    about = "Forward-auth for AI gateways: API key -> X-User-* metadata headers"
+)]
+pub struct Cli {
+    /// Configuration file (default: config/default.toml, built-in defaults when it is missing).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service (the default).
+    Serve,
+    /// Validate config and seed, print a summary or every problem found.
+    Check {
+        /// Seed file to check instead of the configured `seed.path`.
+        #[arg(long, value_name = "FILE")]
+        seed: Option<PathBuf>,
+    },
+    /// Print a key's stored form (lower-case hex SHA-256), for `key_sha256` in the seed.
+    /// Give `-` to read the key from standard input, keeping it out of the process list.
+    HashKey { key: String },
+}
+
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cli.config.as_deref()),
+        Command::Check { seed } => check(cli.config.as_deref(), seed.as_deref()),
+        Command::HashKey { key } => hash_key(&key),
+    }
+}
+
+fn hash_key(key: &str) -> ExitCode {
+    let key = if key == "-" {
+        let mut input = String::new();
+        if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+            eprintln!("error: cannot read the key from standard input: {e}");
+            return ExitCode::FAILURE;
+        }
+        input.trim_end_matches(['\r', '\n']).to_owned()
+    } else {
+        key.to_owned()
+    };
+    if key.is_empty() {
+        eprintln!("error: the key is empty");
+        return ExitCode::FAILURE;
+    }
+    println!("{}", KeyHash::of(&key).to_hex());
+    ExitCode::SUCCESS
+}
+
+/// Config and seed, with every problem of both collected.
+fn load_all(config: Option<&Path>, seed: Option<&Path>) -> Result<(Loaded, Catalog), Vec<Problem>> {
+    let loaded = Settings::load(config, None);
+    let seed_path = seed
+        .map(Path::to_path_buf)
+        .or_else(|| loaded.as_ref().ok().map(|l| l.settings.seed.path.clone()));
+    let seed_path = seed_path.unwrap_or_else(|| Settings::default().seed.path);
+    match loaded {
+        Ok(loaded) => {
+            let catalog = service::load_catalog(&loaded, Some(&seed_path))?;
+            Ok((loaded, catalog))
+        }
+        Err(mut problems) => {
+            if let Err(seed_problems) = crate::seed::load_file(&seed_path) {
+                problems.extend(seed_problems);
+            }
+            Err(problems)
+        }
+    }
+}
+
+fn print_problems(problems: &[Problem]) {
+    for problem in problems {
+        eprintln!("error: {problem}");
+    }
+    eprintln!("{} problem(s) found", problems.len());
+}
+
+fn summary(loaded: &Loaded, catalog: &Catalog) -> String {
+    format!(
+        "ok: {} consumers, {} keys, {} metadata entries, {} seed routes, {} config routes (seed {})",
+        catalog.consumers.len(),
+        catalog.by_key.len(),
+        catalog.entry_count(),
+        catalog.policy.seed_routes.len(),
+        catalog.policy.config_routes.len(),
+        loaded.settings.seed.path.display()
+    )
+}
+
+fn check(config: Option<&Path>, seed: Option<&Path>) -> ExitCode {
+    match load_all(config, seed) {
+        Ok((mut loaded, catalog)) => {
+            if let Some(seed) = seed {
+                loaded.settings.seed.path = seed.to_path_buf();
+            }
+            for warning in service::pin_warnings(&loaded, &catalog) {
+                eprintln!("warning: {warning}");
+            }
+            println!("{}", summary(&loaded, &catalog));
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            print_problems(&problems);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: Option<&Path>) -> ExitCode {
+    let (loaded, catalog) = match load_all(config, None) {
+        Ok(pair) => pair,
+        Err(problems) => {
+            print_problems(&problems);
+            return ExitCode::FAILURE;
+        }
+    };
+    crate::logging::init(&loaded.settings.log);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if loaded.settings.server.workers > 0 {
+        runtime.worker_threads(loaded.settings.server.workers);
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve_until_signal(loaded, catalog))
+}
+
+async fn serve_until_signal(loaded: Loaded, catalog: Catalog) -> ExitCode {
+    for warning in service::pin_warnings(&loaded, &catalog) {
+        tracing::warn!("{warning}");
+    }
+    tracing::info!("{}", summary(&loaded, &catalog));
+    if loaded.redis_configured() {
+        tracing::info!("redis.url is set; this build serves from the seed alone (embedded mode)");
+    }
+    let app = service::build_app(&loaded, catalog, Arc::new(SystemClock));
+    let (listener, addr) = match crate::http::bind(loaded.listen).await {
+        Ok(bound) => bound,
+        Err(e) => {
+            eprintln!("error: cannot listen on {}: {e}", loaded.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(%addr, "listening");
+    crate::http::serve(
+        listener,
+        app,
+        service::serve_options(&loaded),
+        shutdown_signal(),
+    )
+    .await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        () = terminate => tracing::info!("SIGTERM: shutting down"),
+    }
+}

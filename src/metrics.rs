@@ -1,0 +1,201 @@
+//! Prometheus metrics: one process-wide recorder, handles registered once and kept.
+//!
+//! Looking a metric up by name and labels on every request costs a hash and a lock; the handles
+//! here are resolved at start, so the hot path only bumps atomics. The latency histogram has explicit
+//! buckets (summaries cannot be aggregated across replicas), and upkeep runs periodically so
+//! histogram samples never pile up.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Counter, Histogram, counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::core::Deny;
+use crate::core::decide::Catalog;
+
+/// Seconds; from 25 µs (a warm `/auth`) to 1 s.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    1.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global recorder once per process and returns its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("uma_request_duration_seconds".into()),
+                    &LATENCY_BUCKETS,
+                )
+                .map(PrometheusBuilder::build_recorder);
+            match recorder {
+                Ok(recorder) => {
+                    let handle = recorder.handle();
+                    // Fails only if another recorder was installed first; ours is then unused.
+                    let _ = metrics::set_global_recorder(recorder);
+                    handle
+                }
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+/// Keeps histogram storage bounded; call from a runtime.
+pub fn spawn_upkeep(handle: PrometheusHandle) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    });
+}
+
+/// The endpoints counted separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Auth,
+    UserMetadata,
+    TdlMatrix,
+    Other,
+}
+
+impl Endpoint {
+    fn label(self) -> &'static str {
+        match self {
+            Endpoint::Auth => "auth",
+            Endpoint::UserMetadata => "user_metadata",
+            Endpoint::TdlMatrix => "tdl_matrix",
+            Endpoint::Other => "other",
+        }
+    }
+}
+
+/// What happened to a request, as the `decision` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allow,
+    Denied(Deny),
+    /// Not a decision: health, metrics, 404, 405, OPTIONS.
+    Served,
+}
+
+const OUTCOMES: [Outcome; 7] = [
+    Outcome::Allow,
+    Outcome::Denied(Deny::NoKey),
+    Outcome::Denied(Deny::InvalidKey),
+    Outcome::Denied(Deny::DuplicateKey),
+    Outcome::Denied(Deny::Forbidden),
+    Outcome::Denied(Deny::Unavailable),
+    Outcome::Served,
+];
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Allow => "allow",
+            Outcome::Denied(Deny::NoKey) => "no_key",
+            Outcome::Denied(Deny::InvalidKey) => "invalid_key",
+            Outcome::Denied(Deny::DuplicateKey) => "duplicate_key",
+            Outcome::Denied(Deny::Forbidden) => "forbidden",
+            Outcome::Denied(Deny::Unavailable) => "unavailable",
+            Outcome::Served => "served",
+        }
+    }
+
+    fn index(self) -> usize {
+        OUTCOMES
+            .iter()
+            .position(|o| *o == self)
+            .unwrap_or(OUTCOMES.len() - 1)
+    }
+}
+
+const ENDPOINTS: [Endpoint; 4] = [
+    Endpoint::Auth,
+    Endpoint::UserMetadata,
+    Endpoint::TdlMatrix,
+    Endpoint::Other,
+];
+
+/// Pre-registered handles.
+pub struct Metrics {
+    handle: PrometheusHandle,
+    requests: [[Counter; 7]; 4],
+    latency: [Histogram; 4],
+    tdl_increments: Counter,
+}
+
+impl Metrics {
+    pub fn new(handle: PrometheusHandle) -> Metrics {
+        // Only combinations that can happen are registered, so `/metrics` shows no dead series.
+        let possible = |e: Endpoint, o: Outcome| match e {
+            Endpoint::Other => o == Outcome::Served,
+            Endpoint::Auth => o != Outcome::Served,
+            Endpoint::UserMetadata | Endpoint::TdlMatrix => true,
+        };
+        let requests = ENDPOINTS.map(|e| {
+            OUTCOMES.map(|o| {
+                if possible(e, o) {
+                    counter!("uma_requests_total", "endpoint" => e.label(), "decision" => o.label())
+                } else {
+                    Counter::noop()
+                }
+            })
+        });
+        let latency =
+            ENDPOINTS.map(|e| histogram!("uma_request_duration_seconds", "endpoint" => e.label()));
+        metrics::describe_counter!(
+            "uma_requests_total",
+            "Requests answered, by endpoint and decision"
+        );
+        metrics::describe_histogram!(
+            "uma_request_duration_seconds",
+            metrics::Unit::Seconds,
+            "Time from request head to answer, by endpoint"
+        );
+        metrics::describe_counter!(
+            "uma_tdl_increments_total",
+            "Allowed calls counted in TDL counters"
+        );
+        gauge!("uma_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        Metrics {
+            handle,
+            requests,
+            latency,
+            tdl_increments: counter!("uma_tdl_increments_total"),
+        }
+    }
+
+    pub fn observe(&self, endpoint: Endpoint, outcome: Outcome, elapsed: Duration) {
+        let e = ENDPOINTS.iter().position(|x| *x == endpoint).unwrap_or(3);
+        self.requests[e][outcome.index()].increment(1);
+        self.latency[e].record(elapsed.as_secs_f64());
+    }
+
+    pub fn tdl_increment(&self) {
+        self.tdl_increments.increment(1);
+    }
+
+    /// Sets the gauges that describe the loaded seed and config.
+    pub fn loaded(&self, catalog: &Catalog) {
+        gauge!("uma_consumers_loaded").set(catalog.consumers.len() as f64);
+        gauge!("uma_keys_loaded").set(catalog.by_key.len() as f64);
+        gauge!("uma_metadata_entries_loaded").set(catalog.entry_count() as f64);
+        gauge!("uma_seed_routes_loaded").set(catalog.policy.seed_routes.len() as f64);
+        gauge!("uma_config_routes_loaded").set(catalog.policy.config_routes.len() as f64);
+    }
+
+    pub fn redis_up(&self, up: bool) {
+        gauge!("uma_redis_up").set(if up { 1.0 } else { 0.0 });
+    }
+
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+}

@@ -263,13 +263,14 @@ impl Settings {
                     format!("`{}` must start with `/`", route.prefix),
                 );
             }
-            if let Some(id) = &route.metadata_id {
-                if id.is_empty() || !id.bytes().all(|b| b.is_ascii_graphic()) {
-                    report(
-                        format!("{path}.metadata_id"),
-                        "must be visible ASCII without spaces".into(),
-                    );
-                }
+            // An empty pin counts as none, as an empty `metadata_id` does in a request.
+            if let Some(id) = &route.metadata_id
+                && !id.bytes().all(|b| b.is_ascii_graphic())
+            {
+                report(
+                    format!("{path}.metadata_id"),
+                    "must be visible ASCII without spaces".into(),
+                );
             }
             for (field, groups) in [
                 ("allow_groups", &route.allow_groups),

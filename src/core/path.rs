@@ -45,19 +45,20 @@ fn decode_unreserved(path: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(hi), Some(lo)) = (hex_value(bytes[i + 1]), hex_value(bytes[i + 2])) {
-                let decoded = hi * 16 + lo;
-                if is_unreserved(decoded) || decoded == b'/' {
-                    out.push(decoded);
-                } else {
-                    out.push(b'%');
-                    out.push(bytes[i + 1].to_ascii_uppercase());
-                    out.push(bytes[i + 2].to_ascii_uppercase());
-                }
-                i += 3;
-                continue;
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(hi), Some(lo)) = (hex_value(bytes[i + 1]), hex_value(bytes[i + 2]))
+        {
+            let decoded = hi * 16 + lo;
+            if is_unreserved(decoded) || decoded == b'/' {
+                out.push(decoded);
+            } else {
+                out.push(b'%');
+                out.push(bytes[i + 1].to_ascii_uppercase());
+                out.push(bytes[i + 2].to_ascii_uppercase());
             }
+            i += 3;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;

@@ -628,8 +628,7 @@ fn all_routes(ctx: &mut Ctx, top: &[(String, Node)]) -> Vec<(SeedRoute, Vec<Stri
             .enumerate()
         {
             let path = index("services", i);
-            if let (Value::Map(map), Some(nested)) = (&service.value, service.get("routes")) {
-                let _ = map;
+            if let Some(nested) = service.get("routes") {
                 routes(ctx, nested, &join(&path, "routes"), &mut out);
             }
         }

@@ -87,14 +87,13 @@ impl Service {
         let sink = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("listening") {
-                    if let Some(addr) = line
+                if line.contains("listening")
+                    && let Some(addr) = line
                         .split("addr=")
                         .nth(1)
                         .and_then(|a| a.split_whitespace().next())
-                    {
-                        let _ = tx.send(addr.parse::<SocketAddr>().ok());
-                    }
+                {
+                    let _ = tx.send(addr.parse::<SocketAddr>().ok());
                 }
                 sink.lock().unwrap().push(line);
             }

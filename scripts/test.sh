@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian/Ubuntu machine: installs what the tests need when it is
+# missing (as root, from Debian's packages), then checks formatting and lints and runs every test.
+# Usage: scripts/test.sh [extra cargo test arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the tests run for real (binary name -> package). Grows with the Redis and gateway
+# tiers; a binary that is still missing after this step makes its tests fail with a clear message.
+declare -A packages=()
+missing=()
+for binary in "${!packages[@]}"; do
+    command -v "$binary" >/dev/null 2>&1 || missing+=("${packages[$binary]}")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -eq 0 ]]; then
+        echo "installing: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    else
+        echo "missing packages (run as root to install them): ${missing[*]}" >&2
+    fi
+fi
+
+command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --locked --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --locked "$@"

@@ -485,7 +485,6 @@ fn tdl_matrix_without_a_slot_is_reported() {
 }
 
 #[test]
-#[ignore = "bug: src/seed/parse.rs tdl_matrix() reads a null row (`T7:`) as an empty array"]
 fn tdl_matrix_with_a_null_slot_is_reported() {
     // `T7:` with nothing after it is not an array of numbers: a forgotten row must not pass as `[]`.
     let text = consumers(&[Consumer::valid("user1").entry(Entry::valid("e").set_row("T7", ""))]);

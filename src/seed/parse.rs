@@ -572,6 +572,16 @@ fn tdl_matrix(ctx: &mut Ctx, node: &Node, path: &str) -> Option<[Vec<Number>; SL
             continue;
         };
         let row_path = join(path, key);
+        if value.value == Value::Null {
+            // `T7:` with nothing after it is a forgotten row, not an empty one.
+            ctx.report(
+                value.line,
+                &row_path,
+                format!("missing T{slot} (no list of numbers given)"),
+            );
+            complete = false;
+            continue;
+        }
         let row = ctx.seq(value, &row_path).and_then(|items| {
             let values: Vec<Option<Number>> = items
                 .iter()

@@ -249,27 +249,52 @@ pub fn parse_document(root: &Node, file: &str) -> Result<SeedData, Vec<Problem>>
     }
 }
 
+/// One mapping of a list, with its field path and line.
+struct Item<'n> {
+    path: String,
+    line: u64,
+    map: &'n [(String, Node)],
+}
+
+impl Ctx {
+    /// The mappings of list `field` of `owner` (absent or empty: none); other items are reported.
+    fn maps_in<'n>(
+        &mut self,
+        owner: &'n [(String, Node)],
+        path: &str,
+        field: &str,
+    ) -> Vec<Item<'n>> {
+        let list_path = join(path, field);
+        let Some(items) = get(owner, field).and_then(|node| self.seq(node, &list_path)) else {
+            return Vec::new();
+        };
+        items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, node)| {
+                let path = index(&list_path, i);
+                let map = self.map(node, &path)?;
+                Some(Item {
+                    path,
+                    line: node.line,
+                    map,
+                })
+            })
+            .collect()
+    }
+}
+
 fn consumers(ctx: &mut Ctx, top: &[(String, Node)]) -> Vec<(Arc<Consumer>, Vec<KeyHash>)> {
-    let Some(node) = get(top, "consumers") else {
-        return Vec::new();
-    };
-    let Some(items) = ctx.seq(node, "consumers") else {
-        return Vec::new();
-    };
     let mut usernames: HashMap<String, String> = HashMap::new();
     let mut keys: HashMap<KeyHash, String> = HashMap::new();
     let mut out = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let path = index("consumers", i);
-        let Some(map) = ctx.map(item, &path) else {
-            continue;
-        };
+    for Item { path, line, map } in ctx.maps_in(top, "", "consumers") {
         let username = ctx
-            .required(map, item.line, &path, "username")
+            .required(map, line, &path, "username")
             .and_then(|n| ctx.text(n, &join(&path, "username"), Text::Printable));
         if let Some(name) = &username {
             if let Some(first) = usernames.get(name) {
-                let line = get(map, "username").map_or(item.line, |n| n.line);
+                let line = get(map, "username").map_or(line, |n| n.line);
                 ctx.report(
                     line,
                     &join(&path, "username"),
@@ -283,14 +308,14 @@ fn consumers(ctx: &mut Ctx, top: &[(String, Node)]) -> Vec<(Arc<Consumer>, Vec<K
             .and_then(|n| ctx.text(n, &join(&path, "custom_id"), Text::Printable));
         let hashes = credentials(ctx, map, &path, &mut keys);
         let groups = acl_groups(ctx, map, &path);
-        let metadata = plugin_list(ctx, map, &path, "consumer");
+        let metadata = plugins(ctx, map, &path, Scope::Consumer).metadata;
         let Some(username) = username else { continue };
         match Consumer::new(username, custom_id, groups, metadata) {
             Ok(consumer) if consumer.identity_bytes() <= MAX_IDENTITY_HEADER_BYTES => {
                 out.push((Arc::new(consumer), hashes));
             }
-            Ok(_) => ctx.report(item.line, &path, format!("username, custom_id and groups exceed {MAX_IDENTITY_HEADER_BYTES} bytes of headers")),
-            Err(e) => ctx.report(item.line, &path, format!("cannot be sent as header {}", e.header)),
+            Ok(_) => ctx.report(line, &path, format!("username, custom_id and groups exceed {MAX_IDENTITY_HEADER_BYTES} bytes of headers")),
+            Err(e) => ctx.report(line, &path, format!("cannot be sent as header {}", e.header)),
         }
     }
     out
@@ -303,18 +328,7 @@ fn credentials(
     seen: &mut HashMap<KeyHash, String>,
 ) -> Vec<KeyHash> {
     let mut out = Vec::new();
-    let Some(node) = get(consumer, "keyauth_credentials") else {
-        return out;
-    };
-    let list_path = join(path, "keyauth_credentials");
-    let Some(items) = ctx.seq(node, &list_path) else {
-        return out;
-    };
-    for (i, item) in items.iter().enumerate() {
-        let path = index(&list_path, i);
-        let Some(map) = ctx.map(item, &path) else {
-            continue;
-        };
+    for Item { path, line, map } in ctx.maps_in(consumer, path, "keyauth_credentials") {
         let hash = match (optional(map, "key"), optional(map, "key_sha256")) {
             (Some(key), None) => ctx
                 .text(key, &join(&path, "key"), Text::Any)
@@ -334,16 +348,12 @@ fn credentials(
                 })
             }
             (Some(_), Some(_)) => {
-                ctx.report(
-                    item.line,
-                    &path,
-                    "give either `key` or `key_sha256`, not both",
-                );
+                ctx.report(line, &path, "give either `key` or `key_sha256`, not both");
                 None
             }
             (None, None) => {
                 ctx.report(
-                    item.line,
+                    line,
                     &join(&path, "key"),
                     "required field is missing (or `key_sha256`)",
                 );
@@ -354,7 +364,7 @@ fn credentials(
         // The key itself is never printed: only where its first copy stands.
         if let Some(first) = seen.get(&hash) {
             ctx.report(
-                item.line,
+                line,
                 &path,
                 format!("duplicate API key (same key as {first})"),
             );
@@ -368,20 +378,9 @@ fn credentials(
 
 fn acl_groups(ctx: &mut Ctx, consumer: &[(String, Node)], path: &str) -> Vec<String> {
     let mut groups: Vec<String> = Vec::new();
-    let Some(node) = get(consumer, "acls") else {
-        return groups;
-    };
-    let list_path = join(path, "acls");
-    let Some(items) = ctx.seq(node, &list_path) else {
-        return groups;
-    };
-    for (i, item) in items.iter().enumerate() {
-        let path = index(&list_path, i);
-        let Some(map) = ctx.map(item, &path) else {
-            continue;
-        };
+    for Item { path, line, map } in ctx.maps_in(consumer, path, "acls") {
         let group = ctx
-            .required(map, item.line, &path, "group")
+            .required(map, line, &path, "group")
             .and_then(|n| ctx.text(n, &join(&path, "group"), Text::Group));
         if let Some(group) = group.filter(|g| !groups.contains(g)) {
             groups.push(group);
@@ -390,44 +389,65 @@ fn acl_groups(ctx: &mut Ctx, consumer: &[(String, Node)], path: &str) -> Vec<Str
     groups
 }
 
-/// The `user-metadata` plugin among `owner`'s `plugins`, if enabled.
-fn plugin_list(
-    ctx: &mut Ctx,
-    owner: &[(String, Node)],
-    path: &str,
-    scope: &str,
-) -> Option<Arc<MetadataList>> {
-    let node = get(owner, "plugins")?;
-    let plugins_path = join(path, "plugins");
-    let items = ctx.seq(node, &plugins_path)?;
-    let mut found: Option<(String, Option<Arc<MetadataList>>)> = None;
-    for (i, item) in items.iter().enumerate() {
-        let path = index(&plugins_path, i);
-        let Some(map) = ctx.map(item, &path) else {
-            continue;
-        };
+/// Where a `plugins` list stands; decides which plugins are read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Global,
+    Consumer,
+    Route,
+}
+
+/// What the plugins of one owner say to us.
+#[derive(Default)]
+struct Plugins {
+    acl: Acl,
+    metadata: Option<Arc<MetadataList>>,
+}
+
+/// Reads `owner`'s enabled `user-metadata` plugin (at most one) and, on routes, its `acl` plugins.
+fn plugins(ctx: &mut Ctx, owner: &[(String, Node)], path: &str, scope: Scope) -> Plugins {
+    let mut out = Plugins::default();
+    let mut first_metadata: Option<String> = None;
+    for Item { path, line, map } in ctx.maps_in(owner, path, "plugins") {
+        if scope == Scope::Route && is_enabled_plugin(map, "acl") {
+            route_acl(ctx, map, line, &path, &mut out.acl);
+        }
         if !is_enabled_plugin(map, "user-metadata") {
             continue;
         }
-        if scope == "global" {
+        if scope == Scope::Global {
             for scoped in ["consumer", "route", "service"] {
                 if let Some(n) = optional(map, scoped) {
                     ctx.report(n.line, &join(&path, scoped), format!("a {scoped}-scoped user-metadata plugin is not supported at the top level; put it under the {scoped}"));
                 }
             }
         }
-        if let Some((first, _)) = &found {
+        if let Some(first) = &first_metadata {
             ctx.report(
-                item.line,
+                line,
                 &path,
                 format!("a second user-metadata plugin (first at {first})"),
             );
             continue;
         }
-        let list = metadata_config(ctx, map, item.line, &path);
-        found = Some((path, list));
+        out.metadata = metadata_config(ctx, map, line, &path);
+        first_metadata = Some(path);
     }
-    found.and_then(|(_, list)| list)
+    out
+}
+
+fn route_acl(ctx: &mut Ctx, plugin: &[(String, Node)], line: u64, path: &str, acl: &mut Acl) {
+    let Some(config) = ctx.required(plugin, line, path, "config") else {
+        return;
+    };
+    let path = join(path, "config");
+    let Some(config) = ctx.map(config, &path) else {
+        return;
+    };
+    acl.allow
+        .extend(string_list(ctx, config, &path, "allow", Text::Group));
+    acl.deny
+        .extend(string_list(ctx, config, &path, "deny", Text::Group));
 }
 
 fn is_enabled_plugin(plugin: &[(String, Node)], name: &str) -> bool {
@@ -625,36 +645,18 @@ fn capabilities(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Vec<u8>> {
 }
 
 /// Top-level `routes` and `services[].routes[]`.
+/// Top-level `routes` and `services[].routes[]`.
 fn all_routes(ctx: &mut Ctx, top: &[(String, Node)]) -> Vec<(SeedRoute, Vec<String>)> {
-    let mut out = Vec::new();
-    if let Some(node) = get(top, "routes") {
-        routes(ctx, node, "routes", &mut out);
-    }
-    if let Some(node) = get(top, "services") {
-        for (i, service) in ctx
-            .seq(node, "services")
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-        {
-            let path = index("services", i);
-            if let Some(nested) = service.get("routes") {
-                routes(ctx, nested, &join(&path, "routes"), &mut out);
-            }
-        }
+    let mut out = routes(ctx, top, "");
+    for service in ctx.maps_in(top, "", "services") {
+        out.extend(routes(ctx, service.map, &service.path));
     }
     out
 }
 
-fn routes(ctx: &mut Ctx, node: &Node, list_path: &str, out: &mut Vec<(SeedRoute, Vec<String>)>) {
-    let Some(items) = ctx.seq(node, list_path) else {
-        return;
-    };
-    for (i, item) in items.iter().enumerate() {
-        let path = index(list_path, i);
-        let Some(map) = ctx.map(item, &path) else {
-            continue;
-        };
+fn routes(ctx: &mut Ctx, owner: &[(String, Node)], path: &str) -> Vec<(SeedRoute, Vec<String>)> {
+    let mut out = Vec::new();
+    for Item { path, line, map } in ctx.maps_in(owner, path, "routes") {
         let name = match optional(map, "name") {
             Some(n) => ctx
                 .text(n, &join(&path, "name"), Text::Any)
@@ -664,7 +666,7 @@ fn routes(ctx: &mut Ctx, node: &Node, list_path: &str, out: &mut Vec<(SeedRoute,
         let paths = string_list(ctx, map, &path, "paths", Text::Any);
         for (j, p) in paths.iter().enumerate() {
             if !p.starts_with('/') {
-                let line = get(map, "paths").map_or(item.line, |n| n.line);
+                let line = get(map, "paths").map_or(line, |n| n.line);
                 ctx.report(
                     line,
                     &index(&join(&path, "paths"), j),
@@ -676,8 +678,7 @@ fn routes(ctx: &mut Ctx, node: &Node, list_path: &str, out: &mut Vec<(SeedRoute,
             .into_iter()
             .map(|m| m.to_ascii_uppercase())
             .collect();
-        let acl = route_acl(ctx, map, &path);
-        let metadata = plugin_list(ctx, map, &path, "route");
+        let Plugins { acl, metadata } = plugins(ctx, map, &path, Scope::Route);
         out.push((
             SeedRoute {
                 name,
@@ -688,6 +689,7 @@ fn routes(ctx: &mut Ctx, node: &Node, list_path: &str, out: &mut Vec<(SeedRoute,
             paths,
         ));
     }
+    out
 }
 
 fn string_list(
@@ -711,38 +713,6 @@ fn string_list(
         .collect()
 }
 
-fn route_acl(ctx: &mut Ctx, route: &[(String, Node)], path: &str) -> Acl {
-    let mut acl = Acl::default();
-    let Some(plugins) = get(route, "plugins") else {
-        return acl;
-    };
-    let plugins_path = join(path, "plugins");
-    let Some(items) = ctx.seq(plugins, &plugins_path) else {
-        return acl;
-    };
-    for (i, item) in items.iter().enumerate() {
-        let Value::Map(map) = &item.value else {
-            continue;
-        };
-        if !is_enabled_plugin(map, "acl") {
-            continue;
-        }
-        let path = join(&index(&plugins_path, i), "config");
-        let Some(config) = optional(map, "config") else {
-            ctx.report(item.line, &path, "required field is missing");
-            continue;
-        };
-        let Some(config) = ctx.map(config, &path) else {
-            continue;
-        };
-        acl.allow
-            .extend(string_list(ctx, config, &path, "allow", Text::Group));
-        acl.deny
-            .extend(string_list(ctx, config, &path, "deny", Text::Group));
-    }
-    acl
-}
-
 fn global_list(ctx: &mut Ctx, top: &[(String, Node)]) -> Option<Arc<MetadataList>> {
-    plugin_list(ctx, top, "", "global")
+    plugins(ctx, top, "", Scope::Global).metadata
 }

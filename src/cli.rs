@@ -161,6 +161,7 @@ async fn serve_until_signal(loaded: Loaded, catalog: Catalog) -> ExitCode {
     if loaded.redis_configured() {
         tracing::info!("redis.url is set; this build serves from the seed alone (embedded mode)");
     }
+    let shutdown = shutdown_signal();
     let app = service::build_app(&loaded, catalog, Arc::new(SystemClock));
     let (listener, addr) = match crate::http::bind(loaded.listen).await {
         Ok(bound) => bound,
@@ -174,24 +175,29 @@ async fn serve_until_signal(loaded: Loaded, catalog: Catalog) -> ExitCode {
         listener,
         app,
         service::serve_options(&loaded),
-        shutdown_signal(),
+        shutdown,
     )
     .await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+/// SIGTERM or SIGINT. The handlers are installed here, before the listener is announced, so a
+/// signal sent as soon as the service says it listens is never lost to the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let terminate = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    async move {
+        match (terminate, interrupt) {
+            (Ok(mut terminate), Ok(mut interrupt)) => tokio::select! {
+                _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+            },
+            _ => {
+                tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+                std::future::pending::<()>().await;
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-        () = terminate => tracing::info!("SIGTERM: shutting down"),
     }
 }

@@ -171,13 +171,7 @@ async fn serve_until_signal(loaded: Loaded, catalog: Catalog) -> ExitCode {
         }
     };
     tracing::info!(%addr, "listening");
-    crate::http::serve(
-        listener,
-        app,
-        service::serve_options(&loaded),
-        shutdown,
-    )
-    .await;
+    crate::http::serve(listener, app, service::serve_options(&loaded), shutdown).await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }

@@ -158,11 +158,11 @@ async fn serve_until_signal(loaded: Loaded, catalog: Catalog) -> ExitCode {
         tracing::warn!("{warning}");
     }
     tracing::info!("{}", summary(&loaded, &catalog));
-    if loaded.redis_configured() {
-        tracing::info!("redis.url is set; this build serves from the seed alone (embedded mode)");
+    if !loaded.redis_configured() {
+        tracing::info!("redis.url is empty: embedded mode (seed, in-process cache and counters)");
     }
     let shutdown = shutdown_signal();
-    let app = service::build_app(&loaded, catalog, Arc::new(SystemClock));
+    let (app, background) = service::build_app(&loaded, catalog, Arc::new(SystemClock));
     let (listener, addr) = match crate::http::bind(loaded.listen).await {
         Ok(bound) => bound,
         Err(e) => {
@@ -172,6 +172,7 @@ async fn serve_until_signal(loaded: Loaded, catalog: Catalog) -> ExitCode {
     };
     tracing::info!(%addr, "listening");
     crate::http::serve(listener, app, service::serve_options(&loaded), shutdown).await;
+    background.stop().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }

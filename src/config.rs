@@ -35,6 +35,15 @@ pub struct RedisSettings {
     /// Empty string: no Redis (embedded mode).
     pub url: String,
     pub cache_ttl_secs: u64,
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// Longest wait for a new connection.
+    pub connect_timeout_ms: u64,
+    /// Longest wait for any command (including taking a pooled connection); past it Redis is
+    /// marked down and skipped until the health check sees it answer.
+    pub command_timeout_ms: u64,
+    /// How often Redis is checked (PING); an outage or a recovery shows within this plus the timeout.
+    pub health_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -57,12 +66,23 @@ pub struct TdlSettings {
     pub mode: TdlMode,
     pub flush_interval_ms: u64,
     pub retention_days: u32,
+    /// Bound on distinct (consumer, entry, day) counters waiting for Redis; increments for new ones
+    /// past it are dropped and counted in `uma_tdl_dropped_total`.
+    pub max_pending_keys: usize,
+    /// At shutdown, how long the final flush may try.
+    pub shutdown_flush_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheSettings {
     pub local_ttl_ms: u64,
+    /// How long an unknown key is remembered, so a flood of bad keys does not reach Redis.
+    pub negative_ttl_ms: u64,
+    /// Bound on cached lookups (keys and unknown keys).
+    pub max_entries: u64,
+    /// How long a cached record may still be served while Redis is unreachable.
+    pub stale_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -115,6 +135,10 @@ impl Default for RedisSettings {
         RedisSettings {
             url: "redis://127.0.0.1:6379".into(),
             cache_ttl_secs: 3600,
+            pool_size: 16,
+            connect_timeout_ms: 100,
+            command_timeout_ms: 50,
+            health_interval_ms: 250,
         }
     }
 }
@@ -134,13 +158,20 @@ impl Default for TdlSettings {
             mode: TdlMode::Async,
             flush_interval_ms: 100,
             retention_days: 35,
+            max_pending_keys: 100_000,
+            shutdown_flush_ms: 5_000,
         }
     }
 }
 
 impl Default for CacheSettings {
     fn default() -> Self {
-        CacheSettings { local_ttl_ms: 5000 }
+        CacheSettings {
+            local_ttl_ms: 5000,
+            negative_ttl_ms: 1000,
+            max_entries: 100_000,
+            stale_ttl_secs: 86_400,
+        }
     }
 }
 
@@ -244,6 +275,24 @@ impl Settings {
         }
         if self.tdl.retention_days == 0 {
             report("tdl.retention_days".into(), "must be at least 1".into());
+        }
+        let redis_url = self.redis.url.trim();
+        if !redis_url.is_empty()
+            && let Err(e) = redis::IntoConnectionInfo::into_connection_info(redis_url)
+        {
+            report("redis.url".into(), format!("not a Redis URL ({e})"));
+        }
+        for (key, value) in [
+            ("redis.pool_size", self.redis.pool_size as u64),
+            ("redis.connect_timeout_ms", self.redis.connect_timeout_ms),
+            ("redis.command_timeout_ms", self.redis.command_timeout_ms),
+            ("redis.health_interval_ms", self.redis.health_interval_ms),
+            ("redis.cache_ttl_secs", self.redis.cache_ttl_secs),
+            ("tdl.max_pending_keys", self.tdl.max_pending_keys as u64),
+        ] {
+            if value == 0 {
+                report(key.into(), "must be at least 1".into());
+            }
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             report(
@@ -401,6 +450,20 @@ mod tests {
                 "routes[0].allow_groups[0]"
             ]
         );
+    }
+
+    #[test]
+    fn redis_settings_are_checked() {
+        let err = Settings::load(
+            None,
+            env(&[
+                ("UMA_REDIS__URL", "http://nope"),
+                ("UMA_REDIS__POOL_SIZE", "0"),
+            ]),
+        )
+        .unwrap_err();
+        let paths: Vec<&str> = err.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["redis.url", "redis.pool_size"]);
     }
 
     #[test]

@@ -123,12 +123,47 @@ const ENDPOINTS: [Endpoint; 4] = [
     Endpoint::Other,
 ];
 
+/// Help texts of the metrics other modules own (TDL, Redis), and zero values so that alerts on
+/// them have a series to look at from the start.
+fn describe_service_metrics() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_counter!(
+        "uma_tdl_increments_total",
+        "Allowed calls counted in TDL counters"
+    );
+    describe_counter!(
+        "uma_tdl_dropped_total",
+        "TDL increments lost: buffer full, or not written by exit"
+    );
+    describe_gauge!(
+        "uma_tdl_pending_increments",
+        "TDL increments not yet confirmed by Redis"
+    );
+    describe_gauge!(
+        "uma_redis_up",
+        "1 while Redis answers; 0 while it is down or not configured"
+    );
+    describe_counter!(
+        "uma_redis_errors_total",
+        "Redis operations that failed or timed out"
+    );
+    describe_counter!(
+        "uma_redis_corrupt_records_total",
+        "Redis records that failed validation and were treated as missing"
+    );
+    counter!("uma_tdl_increments_total").increment(0);
+    counter!("uma_tdl_dropped_total").increment(0);
+    counter!("uma_redis_errors_total").increment(0);
+    counter!("uma_redis_corrupt_records_total").increment(0);
+    gauge!("uma_tdl_pending_increments").set(0.0);
+    gauge!("uma_redis_up").set(0.0);
+}
+
 /// Pre-registered handles.
 pub struct Metrics {
     handle: PrometheusHandle,
     requests: [[Counter; 7]; 4],
     latency: [Histogram; 4],
-    tdl_increments: Counter,
 }
 
 impl Metrics {
@@ -159,16 +194,12 @@ impl Metrics {
             metrics::Unit::Seconds,
             "Time from request head to answer, by endpoint"
         );
-        metrics::describe_counter!(
-            "uma_tdl_increments_total",
-            "Allowed calls counted in TDL counters"
-        );
+        describe_service_metrics();
         gauge!("uma_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         Metrics {
             handle,
             requests,
             latency,
-            tdl_increments: counter!("uma_tdl_increments_total"),
         }
     }
 
@@ -178,10 +209,6 @@ impl Metrics {
         self.latency[e].record(elapsed.as_secs_f64());
     }
 
-    pub fn tdl_increment(&self) {
-        self.tdl_increments.increment(1);
-    }
-
     /// Sets the gauges that describe the loaded seed and config.
     pub fn loaded(&self, catalog: &Catalog) {
         gauge!("uma_consumers_loaded").set(catalog.consumers.len() as f64);
@@ -189,10 +216,6 @@ impl Metrics {
         gauge!("uma_metadata_entries_loaded").set(catalog.entry_count() as f64);
         gauge!("uma_seed_routes_loaded").set(catalog.policy.seed_routes.len() as f64);
         gauge!("uma_config_routes_loaded").set(catalog.policy.config_routes.len() as f64);
-    }
-
-    pub fn redis_up(&self, up: bool) {
-        gauge!("uma_redis_up").set(if up { 1.0 } else { 0.0 });
     }
 
     pub fn render(&self) -> String {

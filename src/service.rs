@@ -4,20 +4,22 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
 use crate::config::Loaded;
 use crate::core::decide::Catalog;
 use crate::http::{self, App, ServeOptions};
+use crate::lookup::{Resolver, seed_copies};
 use crate::metrics::{self, Metrics};
 use crate::problem::Problem;
 use crate::seed;
+use crate::store::RedisStore;
 use crate::tdl::TdlCounters;
 
 /// Loads the seed (at `seed_path`, or the config's) and indexes it with the config routes.
@@ -57,27 +59,104 @@ pub fn pin_warnings(loaded: &Loaded, catalog: &Catalog) -> Vec<String> {
         .collect()
 }
 
-/// Builds the shared state. Call inside a tokio runtime.
-pub fn build_app(loaded: &Loaded, catalog: Catalog, clock: Arc<dyn Clock>) -> Arc<App> {
+/// Builds the shared state and starts its background work (Redis health checks, seed copies,
+/// the counter flusher). Call inside a tokio runtime; stop with [`Background::stop`].
+pub fn build_app(
+    loaded: &Loaded,
+    catalog: Catalog,
+    clock: Arc<dyn Clock>,
+) -> (Arc<App>, Background) {
     let handle = metrics::install();
     let metrics = Metrics::new(handle.clone());
     metrics::spawn_upkeep(handle);
     metrics.loaded(&catalog);
-    metrics.redis_up(false);
-    let counters = TdlCounters::new(
+    let settings = &loaded.settings;
+    let store = loaded.redis_configured().then(|| {
+        // The URL was checked with the config; a failure here is a bug, reported and survived.
+        RedisStore::new(&settings.redis)
+            .map_err(|e| tracing::error!("redis disabled: {e}"))
+            .ok()
+            .map(Arc::new)
+    });
+    let store = store.flatten();
+    let counters = Arc::new(TdlCounters::new(
         loaded.timezone.clone(),
         clock,
-        loaded.settings.tdl.retention_days,
-    );
-    Arc::new(App {
+        &settings.tdl,
+        store.clone(),
+    ));
+    let app = Arc::new(App {
         catalog: ArcSwap::from_pointee(catalog),
-        counters,
+        resolver: Resolver::new(
+            store.clone(),
+            &settings.cache,
+            settings.redis.cache_ttl_secs,
+        ),
+        counters: counters.clone(),
+        store: store.clone(),
         metrics,
-        timezone_name: loaded.settings.tdl.timezone.clone(),
-        // Redis arrives with the Redis tier; until then the URL is read but not used.
-        redis_configured: false,
+        timezone_name: settings.tdl.timezone.clone(),
+        sync_wait: Duration::from_millis(settings.redis.command_timeout_ms * 2 + 10),
         ready: AtomicBool::new(true),
-    })
+    });
+    let (stop, stopped) = watch::channel(false);
+    if let Some(store) = &store {
+        spawn_redis_upkeep(
+            store,
+            &app,
+            Duration::from_millis(settings.redis.health_interval_ms),
+        );
+        tokio::spawn(counters.clone().run_flusher(stopped));
+    }
+    let background = Background {
+        stop,
+        counters,
+        final_flush: Duration::from_millis(settings.tdl.shutdown_flush_ms),
+    };
+    (app, background)
+}
+
+/// Health checks; on the first connection, the seed's consumers are rewritten in Redis so a
+/// restarted service never serves an older seed than its own.
+fn spawn_redis_upkeep(store: &Arc<RedisStore>, app: &Arc<App>, interval: Duration) {
+    let app = Arc::downgrade(app);
+    let store_for_copies = store.clone();
+    let copied = AtomicBool::new(false);
+    let ttl = store_ttl(&app);
+    store.spawn_health_loop(interval, move || {
+        if copied.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Some(app) = app.upgrade() else { return };
+        let items = seed_copies(&app.catalog.load());
+        let store = store_for_copies.clone();
+        tokio::spawn(async move {
+            match store.put_seed_copies(&items, ttl).await {
+                Ok(()) => tracing::info!(records = items.len(), "seed copies written to Redis"),
+                Err(error) => tracing::warn!(%error, "seed copies not written; lookups write them back one by one"),
+            }
+        });
+    });
+}
+
+fn store_ttl(app: &std::sync::Weak<App>) -> u64 {
+    app.upgrade()
+        .map_or(3600, |app| app.resolver.seed_copy_ttl_secs())
+}
+
+/// Background work owned by a running service.
+pub struct Background {
+    stop: watch::Sender<bool>,
+    counters: Arc<TdlCounters>,
+    final_flush: Duration,
+}
+
+impl Background {
+    /// Stops the flusher and writes what is pending (trying for at most `tdl.shutdown_flush_ms`).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.counters.final_flush(self.final_flush).await;
+    }
 }
 
 pub fn serve_options(loaded: &Loaded) -> ServeOptions {
@@ -91,13 +170,17 @@ pub fn serve_options(loaded: &Loaded) -> ServeOptions {
 pub struct Running {
     pub addr: SocketAddr,
     pub app: Arc<App>,
+    background: Background,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
 
 impl Running {
     /// Binds `loaded.listen` and serves `app` until [`Running::stop`].
-    pub async fn start(loaded: &Loaded, app: Arc<App>) -> std::io::Result<Running> {
+    pub async fn start(
+        loaded: &Loaded,
+        (app, background): (Arc<App>, Background),
+    ) -> std::io::Result<Running> {
         let (listener, addr) = http::bind(loaded.listen).await?;
         let (stop, stopped) = oneshot::channel::<()>();
         let options = serve_options(loaded);
@@ -107,6 +190,7 @@ impl Running {
         Ok(Running {
             addr,
             app,
+            background,
             stop: Some(stop),
             task,
         })
@@ -118,5 +202,6 @@ impl Running {
             let _ = stop.send(());
         }
         let _ = (&mut self.task).await;
+        self.background.stop().await;
     }
 }

@@ -47,8 +47,8 @@ impl InProcess {
                 .build()
                 .unwrap();
             runtime.block_on(async move {
-                let app = service::build_app(&loaded, catalog, clock);
-                let running = Running::start(&loaded, app).await.expect("bind");
+                let built = service::build_app(&loaded, catalog, clock);
+                let running = Running::start(&loaded, built).await.expect("bind");
                 addr_tx.send(running.addr).unwrap();
                 let _ = stopped.await;
                 running.stop().await;

@@ -37,6 +37,7 @@ pub struct Policy {
 pub struct Catalog {
     pub consumers: Vec<Arc<Consumer>>,
     pub by_key: HashMap<KeyHash, Arc<Consumer>>,
+    pub by_name: HashMap<Arc<str>, Arc<Consumer>>,
     pub policy: Policy,
 }
 
@@ -59,6 +60,9 @@ impl Catalog {
             for key in keys {
                 catalog.by_key.insert(key, consumer.clone());
             }
+            catalog
+                .by_name
+                .insert(consumer.username.clone(), consumer.clone());
             catalog.consumers.push(consumer);
         }
         for (route, prefixes) in seed_routes {
@@ -129,15 +133,12 @@ pub fn acl_permits(consumer: &Consumer, routes: &RouteMatch) -> bool {
         && routes.config.is_none_or(|r| r.acl.permits(consumer))
 }
 
-/// Key presence → the consumer, against the catalog's keys.
-pub fn identify<'c>(catalog: &'c Catalog, key: &KeyPresence) -> Result<&'c Arc<Consumer>, Deny> {
+/// Key presence → the digest to look up. The plain key goes no further than this.
+pub fn presented_key(key: &KeyPresence) -> Result<KeyHash, Deny> {
     match key {
         KeyPresence::Missing => Err(Deny::NoKey),
         KeyPresence::Duplicate => Err(Deny::DuplicateKey),
-        KeyPresence::Found(plain) => catalog
-            .by_key
-            .get(&KeyHash::of(plain))
-            .ok_or(Deny::InvalidKey),
+        KeyPresence::Found(plain) => Ok(KeyHash::of(plain)),
     }
 }
 
@@ -354,25 +355,28 @@ mod tests {
     }
 
     #[test]
-    fn identify_by_digest() {
-        let mut catalog = Catalog::default();
+    fn presented_keys_become_digests() {
+        assert_eq!(
+            presented_key(&KeyPresence::Found("k".into())),
+            Ok(KeyHash::of("k"))
+        );
+        assert_eq!(presented_key(&KeyPresence::Missing), Err(Deny::NoKey));
+        assert_eq!(
+            presented_key(&KeyPresence::Duplicate),
+            Err(Deny::DuplicateKey)
+        );
+    }
+
+    #[test]
+    fn catalog_indexes_keys_and_names() {
         let c = Arc::new(consumer(&[], None));
-        catalog.by_key.insert(KeyHash::of("k"), c.clone());
-        assert!(Arc::ptr_eq(
-            identify(&catalog, &KeyPresence::Found("k".into())).unwrap(),
-            &c
-        ));
-        assert_eq!(
-            identify(&catalog, &KeyPresence::Found("x".into())).unwrap_err(),
-            Deny::InvalidKey
+        let catalog = Catalog::new(
+            vec![(c.clone(), vec![KeyHash::of("k")])],
+            vec![],
+            vec![],
+            None,
         );
-        assert_eq!(
-            identify(&catalog, &KeyPresence::Missing).unwrap_err(),
-            Deny::NoKey
-        );
-        assert_eq!(
-            identify(&catalog, &KeyPresence::Duplicate).unwrap_err(),
-            Deny::DuplicateKey
-        );
+        assert!(Arc::ptr_eq(&catalog.by_key[&KeyHash::of("k")], &c));
+        assert!(Arc::ptr_eq(&catalog.by_name["c"], &c));
     }
 }

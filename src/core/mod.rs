@@ -12,6 +12,6 @@ pub mod path;
 pub mod request;
 pub mod routes;
 
-pub use decide::{Catalog, Deny, Policy, authorize, identify};
+pub use decide::{Catalog, Deny, Policy, authorize, presented_key};
 pub use key::KeyHash;
 pub use model::{Consumer, Entry, EntryFields, METADATA_HEADER_NAMES, MetadataList};

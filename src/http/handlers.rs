@@ -1,24 +1,27 @@
 //! Request routing and the endpoints: `/auth`, `/api/user-metadata`, `/api/tdl-matrix`, health,
 //! readiness and metrics.
 //!
-//! Handlers are synchronous: the decision needs no I/O in embedded mode, so a request is answered in
-//! the task that read its head, and no body is ever read (nginx may announce one and send nothing).
+//! Only the request head is used; no body is ever read (nginx may announce one and send nothing).
+//! A decision awaits nothing on the hot path: the key is usually answered from the in-process cache,
+//! and only `sync` counting waits for Redis (bounded by the command timeout).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
 
 use super::answer::{self, Body};
-use crate::core::decide::{Catalog, acl_permits};
+use crate::core::decide::{Catalog, RouteMatch, acl_permits};
 use crate::core::format::write_ascii_json_string;
-use crate::core::request::{parse_api, parse_auth};
-use crate::core::{Consumer, Deny, authorize, identify};
+use crate::core::request::{AuthQuery, parse_api, parse_auth};
+use crate::core::{Consumer, Deny, authorize, presented_key};
+use crate::lookup::{Resolution, Resolver};
 use crate::metrics::{Endpoint, Metrics, Outcome};
+use crate::store::RedisStore;
 use crate::tdl::TdlCounters;
 
 const API_METHODS: &str = "GET, POST, OPTIONS";
@@ -27,25 +30,28 @@ const PROBE_METHODS: &str = "GET, HEAD";
 /// Everything a request can reach.
 pub struct App {
     pub catalog: ArcSwap<Catalog>,
-    pub counters: TdlCounters,
+    pub resolver: Resolver,
+    pub counters: Arc<TdlCounters>,
+    pub store: Option<Arc<RedisStore>>,
     pub metrics: Metrics,
     pub timezone_name: String,
-    pub redis_configured: bool,
+    /// Longest time a `sync` call waits for its increment to reach Redis.
+    pub sync_wait: Duration,
     pub ready: AtomicBool,
 }
 
 impl App {
     /// Answers one request from its head.
-    pub fn respond(&self, request: &Parts) -> Response<Body> {
+    pub async fn respond(&self, request: &Parts) -> Response<Body> {
         let started = Instant::now();
         let path = request.uri.path();
         let (endpoint, outcome, response) = if path == "/auth" || path.starts_with("/auth/") {
-            let (outcome, response) = self.auth(request);
+            let (outcome, response) = self.auth(request).await;
             (Endpoint::Auth, outcome, response)
         } else {
             match path {
-                "/api/user-metadata" => self.api(request, Endpoint::UserMetadata),
-                "/api/tdl-matrix" => self.api(request, Endpoint::TdlMatrix),
+                "/api/user-metadata" => self.api(request, Endpoint::UserMetadata).await,
+                "/api/tdl-matrix" => self.api(request, Endpoint::TdlMatrix).await,
                 "/healthz" => probe(request, || {
                     answer::json(StatusCode::OK, &br#"{"status":"ok"}"#[..])
                 }),
@@ -64,17 +70,37 @@ impl App {
         response
     }
 
-    fn auth(&self, request: &Parts) -> (Outcome, Response<Body>) {
+    /// The consumer a request's key belongs to, or why there is none.
+    async fn consumer(
+        &self,
+        catalog: &Catalog,
+        query: &AuthQuery<'_>,
+    ) -> Result<Arc<Consumer>, Deny> {
+        let key = presented_key(&query.key)?;
+        match self.resolver.resolve(catalog, key).await {
+            Resolution::Consumer(consumer) => Ok(consumer),
+            Resolution::Unknown => Err(Deny::InvalidKey),
+            Resolution::Unavailable => Err(Deny::Unavailable),
+        }
+    }
+
+    async fn auth(&self, request: &Parts) -> (Outcome, Response<Body>) {
         let query = parse_auth(&request.uri, &request.method, &request.headers);
-        let catalog = self.catalog.load();
-        let decision = identify(&catalog, &query.key)
-            .and_then(|consumer| Ok((consumer, authorize(&catalog.policy, consumer, &query)?)));
+        let catalog = self.catalog.load_full();
+        let decision = match self.consumer(&catalog, &query).await {
+            Ok(consumer) => authorize(&catalog.policy, &consumer, &query)
+                .map(|entry| (consumer.clone(), entry.clone())),
+            Err(reason) => Err(reason),
+        };
         match decision {
             Ok((consumer, entry)) => {
-                self.counters.record(&consumer.username, &entry.id);
-                self.metrics.tdl_increment();
+                if let Some(stored) = self.counters.record(&consumer.username, &entry.id) {
+                    // Sync mode: answer once Redis has the increment, or when it cannot have it soon
+                    // (then it stays buffered and the call is still allowed).
+                    let _ = tokio::time::timeout(self.sync_wait, stored).await;
+                }
                 tracing::debug!(consumer = %consumer.username, entry = %entry.id, path = %query.original.path, "allow");
-                (Outcome::Allow, answer::allow(consumer, entry))
+                (Outcome::Allow, answer::allow(&consumer, &entry))
             }
             Err(reason) => {
                 tracing::debug!(?reason, path = %query.original.path, "deny");
@@ -83,7 +109,11 @@ impl App {
         }
     }
 
-    fn api(&self, request: &Parts, endpoint: Endpoint) -> (Endpoint, Outcome, Response<Body>) {
+    async fn api(
+        &self,
+        request: &Parts,
+        endpoint: Endpoint,
+    ) -> (Endpoint, Outcome, Response<Body>) {
         match request.method {
             Method::GET | Method::POST | Method::HEAD => {}
             Method::OPTIONS => return (endpoint, Outcome::Served, answer::options(API_METHODS)),
@@ -96,38 +126,48 @@ impl App {
             }
         }
         let query = parse_api(&request.uri, &request.method, &request.headers);
-        let catalog = self.catalog.load();
-        let consumer = match identify(&catalog, &query.key) {
+        let catalog = self.catalog.load_full();
+        let denied = |reason| (endpoint, Outcome::Denied(reason), answer::deny(reason));
+        let consumer = match self.consumer(&catalog, &query).await {
             Ok(consumer) => consumer,
-            Err(reason) => return (endpoint, Outcome::Denied(reason), answer::deny(reason)),
+            Err(reason) => return denied(reason),
         };
         let routes = catalog.policy.route_match(&query.original);
-        if !acl_permits(consumer, &routes) {
-            return (
-                endpoint,
-                Outcome::Denied(Deny::Forbidden),
-                answer::deny(Deny::Forbidden),
-            );
+        if !acl_permits(&consumer, &routes) {
+            return denied(Deny::Forbidden);
         }
         let body = match endpoint {
-            Endpoint::TdlMatrix => self.tdl_matrix_json(&catalog, consumer, &routes),
+            Endpoint::TdlMatrix => match self.tdl_matrix_json(&catalog, &consumer, &routes).await {
+                Some(body) => body,
+                None => return denied(Deny::Unavailable),
+            },
             _ => catalog
                 .policy
-                .applicable_list(consumer, &routes)
+                .applicable_list(&consumer, &routes)
                 .map_or_else(|| "[]".to_owned(), |l| l.json()),
         };
         (endpoint, Outcome::Allow, answer::json(StatusCode::OK, body))
     }
 
-    /// Today's usage for the consumer: the applicable list's entries, then any other entry used today.
-    fn tdl_matrix_json(
+    /// Today's usage for the consumer: the applicable list's entries, then any other entry used
+    /// today (sorted by id). `None` when Redis holds the counts and cannot be read.
+    async fn tdl_matrix_json(
         &self,
         catalog: &Catalog,
         consumer: &Consumer,
-        routes: &crate::core::decide::RouteMatch,
-    ) -> String {
+        routes: &RouteMatch<'_>,
+    ) -> Option<String> {
         let stamp = self.counters.now();
-        let mut usage = self.counters.usage(&consumer.username, stamp.date);
+        let applicable = catalog.policy.applicable_list(consumer, routes);
+        let known: Vec<&str> = applicable
+            .map(|l| l.entries().iter().map(|e| &*e.id).collect())
+            .unwrap_or_default();
+        let mut usage = self
+            .counters
+            .usage(&consumer.username, stamp.date, &known)
+            .await
+            .ok()?;
+        usage[known.len()..].sort_by(|a, b| a.0.cmp(&b.0));
         let lists = catalog.policy.lists_in_precedence(consumer, routes);
         let mut out = String::from("{\"timezone\":");
         write_ascii_json_string(&mut out, &self.timezone_name);
@@ -136,44 +176,35 @@ impl App {
             ",\"date\":\"{}\",\"slot\":\"T{}\",\"entries\":[",
             stamp.date, stamp.slot
         );
-        let mut first = true;
-        let mut push = |out: &mut String, id: &str, counts: Option<[u64; 12]>| {
+        for (i, (id, counts)) in usage.iter().enumerate() {
             let entry = lists.iter().find_map(|l| l.find(id));
-            if !first {
-                out.push(',');
-            }
-            first = false;
-            out.push_str("{\"id\":");
-            write_ascii_json_string(out, id);
+            out.push_str(if i > 0 { ",{\"id\":" } else { "{\"id\":" });
+            write_ascii_json_string(&mut out, id);
             out.push_str(",\"provider_name\":");
-            write_ascii_json_string(out, entry.map_or("", |e| &e.fields.provider_name));
+            write_ascii_json_string(&mut out, entry.map_or("", |e| &e.fields.provider_name));
             out.push_str(",\"tdl_matrix\":");
             out.push_str(entry.map_or("null", |e| e.tdl_matrix_json()));
             out.push_str(",\"usage\":{");
-            for (i, n) in counts.unwrap_or_default().iter().enumerate() {
-                let _ = write!(out, "{}\"T{}\":{n}", if i > 0 { "," } else { "" }, i + 1);
+            for (slot, n) in counts.iter().enumerate() {
+                let _ = write!(
+                    out,
+                    "{}\"T{}\":{n}",
+                    if slot > 0 { "," } else { "" },
+                    slot + 1
+                );
             }
             out.push_str("}}");
-        };
-        if let Some(list) = catalog.policy.applicable_list(consumer, routes) {
-            for entry in list.entries() {
-                let position = usage.iter().position(|(id, _)| *id == entry.id);
-                let counts = position.map(|i| usage.remove(i).1);
-                push(&mut out, &entry.id, counts);
-            }
-        }
-        for (id, counts) in usage {
-            push(&mut out, &id, Some(counts));
         }
         out.push_str("]}");
-        out
+        Some(out)
     }
 
     fn readiness(&self) -> Response<Body> {
         let ready = self.ready.load(Ordering::Acquire);
         let body = format!(
-            "{{\"ready\":{ready},\"redis\":{{\"configured\":{},\"connected\":false}}}}",
-            self.redis_configured
+            "{{\"ready\":{ready},\"redis\":{{\"configured\":{},\"connected\":{}}}}}",
+            self.store.is_some(),
+            self.store.as_ref().is_some_and(|s| s.is_up())
         );
         let status = if ready {
             StatusCode::OK
@@ -194,6 +225,3 @@ fn probe(
     };
     (Endpoint::Other, Outcome::Served, response)
 }
-
-/// Shared so handlers can be reached from every connection task.
-pub type SharedApp = Arc<App>;

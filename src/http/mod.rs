@@ -61,8 +61,12 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let service = service_fn(move |request: hyper::Request<Incoming>| {
-            let (parts, _body) = request.into_parts();
-            std::future::ready(Ok::<_, Infallible>(app.respond(&parts)))
+            let app = app.clone();
+            async move {
+                // The body is dropped unread: the decision needs only the head.
+                let (parts, _body) = request.into_parts();
+                Ok::<_, Infallible>(app.respond(&parts).await)
+            }
         });
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)

@@ -5,6 +5,7 @@
 //! the text and the tree are dropped when loading ends, so no plain key outlives it.
 
 pub mod parse;
+pub mod record;
 pub mod yaml;
 
 use std::path::Path;

@@ -473,17 +473,21 @@ fn metadata_config(
     let map = ctx.map(config, &config_path)?;
     ctx.reject_unknown(map, &config_path, &["metadata_list"]);
     let list_node = ctx.required(map, config.line, &config_path, "metadata_list")?;
-    let list_path = join(&config_path, "metadata_list");
-    let items = ctx.seq(list_node, &list_path)?;
+    metadata_list(ctx, list_node, &join(&config_path, "metadata_list"))
+}
+
+/// A `metadata_list`: at least one valid entry, ids unique.
+fn metadata_list(ctx: &mut Ctx, list_node: &Node, list_path: &str) -> Option<Arc<MetadataList>> {
+    let items = ctx.seq(list_node, list_path)?;
     if items.is_empty() {
-        ctx.report(list_node.line, &list_path, "must hold at least one entry");
+        ctx.report(list_node.line, list_path, "must hold at least one entry");
         return None;
     }
     let mut ids: HashMap<String, String> = HashMap::new();
     let mut entries = Vec::new();
     let mut complete = true;
     for (i, item) in items.iter().enumerate() {
-        let path = index(&list_path, i);
+        let path = index(list_path, i);
         match entry(ctx, item, &path) {
             Some(entry) => {
                 if let Some(first) = ids.get(&entry.fields.id) {
@@ -644,7 +648,41 @@ fn capabilities(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Vec<u8>> {
     flags.into_iter().collect()
 }
 
-/// Top-level `routes` and `services[].routes[]`.
+/// A consumer record as stored in Redis (see `seed::record`): `username`, optional `custom_id`,
+/// `groups` and `metadata_list`, checked by the same rules as the seed.
+pub fn consumer_record(root: &Node, label: &str) -> Result<Consumer, Vec<Problem>> {
+    let mut ctx = Ctx {
+        file: label.to_owned(),
+        problems: Vec::new(),
+    };
+    let consumer = ctx.map(root, "").and_then(|map| {
+        ctx.reject_unknown(
+            map,
+            "",
+            &["username", "custom_id", "groups", "metadata_list"],
+        );
+        let username = ctx
+            .required(map, root.line, "", "username")
+            .and_then(|n| ctx.text(n, "username", Text::Printable));
+        let custom_id =
+            optional(map, "custom_id").and_then(|n| ctx.text(n, "custom_id", Text::Printable));
+        let groups = string_list(&mut ctx, map, "", "groups", Text::Group);
+        let metadata = optional(map, "metadata_list")
+            .and_then(|n| metadata_list(&mut ctx, n, "metadata_list"));
+        Consumer::new(username?, custom_id, groups, metadata).ok()
+    });
+    match consumer {
+        Some(consumer) if ctx.problems.is_empty() => Ok(consumer),
+        _ if ctx.problems.is_empty() => Err(vec![Problem {
+            file: label.to_owned(),
+            line: None,
+            path: String::new(),
+            reason: "not a valid consumer record".into(),
+        }]),
+        _ => Err(ctx.problems),
+    }
+}
+
 /// Top-level `routes` and `services[].routes[]`.
 fn all_routes(ctx: &mut Ctx, top: &[(String, Node)]) -> Vec<(SeedRoute, Vec<String>)> {
     let mut out = routes(ctx, top, "");

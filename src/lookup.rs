@@ -1,0 +1,200 @@
+//! Key → consumer through the lookup chain: in-process cache → Redis → seed (SPEC §1, §3).
+//!
+//! The cache keeps each answer fresh for `cache.local_ttl_ms` (unknown keys for
+//! `cache.negative_ttl_ms`, so a flood of bad keys stays off Redis) and keeps it usable for
+//! `cache.stale_ttl_secs` more: while Redis cannot be asked, the last record seen still serves,
+//! then the seed; only a key in no local source gets "cannot decide" (503).
+//!
+//! Redis rules: a record without a TTL belongs to an operator and wins over the seed; a record with a
+//! TTL is a seed copy, honoured only for keys and consumers the running seed still has (so deleting
+//! a key from the seed revokes it on restart). A seed hit that Redis lacks is written back (SETEX).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, counter};
+
+use crate::config::CacheSettings;
+use crate::core::decide::Catalog;
+use crate::core::{Consumer, KeyHash};
+use crate::seed::record;
+use crate::store::{RedisStore, StoreError, keys};
+
+/// What a key resolves to.
+#[derive(Debug, Clone)]
+pub enum Resolution {
+    Consumer(Arc<Consumer>),
+    Unknown,
+    /// Redis cannot be asked and no local source knows the key.
+    Unavailable,
+}
+
+#[derive(Clone)]
+struct Cached {
+    consumer: Option<Arc<Consumer>>,
+    fresh_until: Instant,
+}
+
+impl From<&Cached> for Resolution {
+    fn from(cached: &Cached) -> Resolution {
+        cached
+            .consumer
+            .clone()
+            .map_or(Resolution::Unknown, Resolution::Consumer)
+    }
+}
+
+pub struct Resolver {
+    store: Option<Arc<RedisStore>>,
+    cache: moka::future::Cache<KeyHash, Cached>,
+    fresh: Duration,
+    negative: Duration,
+    seed_copy_ttl_secs: u64,
+    corrupt: Counter,
+}
+
+impl Resolver {
+    pub fn new(
+        store: Option<Arc<RedisStore>>,
+        settings: &CacheSettings,
+        seed_copy_ttl_secs: u64,
+    ) -> Resolver {
+        let fresh = Duration::from_millis(settings.local_ttl_ms);
+        let cache = moka::future::Cache::builder()
+            .max_capacity(settings.max_entries)
+            .time_to_live(fresh + Duration::from_secs(settings.stale_ttl_secs))
+            .build();
+        Resolver {
+            store,
+            cache,
+            fresh,
+            negative: Duration::from_millis(settings.negative_ttl_ms),
+            seed_copy_ttl_secs,
+            corrupt: counter!("uma_redis_corrupt_records_total"),
+        }
+    }
+
+    pub async fn resolve(&self, catalog: &Catalog, key: KeyHash) -> Resolution {
+        let Some(store) = &self.store else {
+            // Embedded mode: the seed is the only source, already in memory.
+            return catalog
+                .by_key
+                .get(&key)
+                .cloned()
+                .map_or(Resolution::Unknown, Resolution::Consumer);
+        };
+        let now = Instant::now();
+        let cached = self.cache.get(&key).await;
+        if let Some(c) = cached.as_ref().filter(|c| c.fresh_until > now) {
+            return c.into();
+        }
+        if store.is_up()
+            && let Ok(consumer) = self.ask_redis(store, catalog, &key).await
+        {
+            let ttl = if consumer.is_some() {
+                self.fresh
+            } else {
+                self.negative
+            };
+            let entry = Cached {
+                consumer,
+                fresh_until: Instant::now() + ttl,
+            };
+            let resolution = (&entry).into();
+            self.cache.insert(key, entry).await;
+            return resolution;
+        }
+        // Redis cannot be asked: the last answer it gave, else the seed, else we cannot decide.
+        match (cached, catalog.by_key.get(&key)) {
+            (Some(c), _) => (&c).into(),
+            (None, Some(seed)) => Resolution::Consumer(seed.clone()),
+            (None, None) => Resolution::Unavailable,
+        }
+    }
+
+    pub fn seed_copy_ttl_secs(&self) -> u64 {
+        self.seed_copy_ttl_secs
+    }
+
+    /// Drops every cached answer (tests, and a future seed reload).
+    pub fn clear(&self) {
+        self.cache.invalidate_all();
+    }
+
+    async fn ask_redis(
+        &self,
+        store: &Arc<RedisStore>,
+        catalog: &Catalog,
+        key: &KeyHash,
+    ) -> Result<Option<Arc<Consumer>>, StoreError> {
+        let seed = catalog.by_key.get(key);
+        let key_name = keys::key_record(key);
+        let key_record = store.get_record(&key_name).await?;
+        let from_redis = key_record
+            .as_ref()
+            .filter(|r| r.persistent || seed.is_some())
+            .map(|r| r.value.trim().to_owned())
+            .filter(|name| !name.is_empty());
+        let username = match (from_redis, seed) {
+            (Some(name), _) => name,
+            (None, Some(seed)) => {
+                if key_record.is_none() {
+                    self.write_back(store, key_name, seed.username.to_string());
+                }
+                seed.username.to_string()
+            }
+            // Unknown, or a seed copy of a key the running seed no longer has: revoked.
+            (None, None) => return Ok(None),
+        };
+        let seed = catalog.by_name.get(username.as_str());
+        let record_name = keys::consumer_record(&username);
+        let record = store.get_record(&record_name).await?;
+        if let Some(r) = record.as_ref().filter(|r| r.persistent || seed.is_some()) {
+            match record::from_json(&r.value, &record_name) {
+                Ok(consumer) if *consumer.username == *username => {
+                    return Ok(Some(Arc::new(consumer)));
+                }
+                Ok(_) | Err(_) => {
+                    self.corrupt.increment(1);
+                    tracing::warn!(key = %record_name, "invalid consumer record in Redis; treated as missing");
+                }
+            }
+        }
+        match seed {
+            Some(seed) => {
+                if record.is_none() {
+                    self.write_back(store, record_name, record::to_json(seed));
+                }
+                Ok(Some(seed.clone()))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Fire-and-forget SETEX of a seed copy: the answer does not wait for it.
+    fn write_back(&self, store: &Arc<RedisStore>, key: String, value: String) {
+        let store = store.clone();
+        let ttl = self.seed_copy_ttl_secs;
+        tokio::spawn(async move {
+            if let Err(error) = store.put_seed_copies(&[(key, value)], ttl).await {
+                tracing::debug!(%error, "seed write-back failed");
+            }
+        });
+    }
+}
+
+/// Every seed copy to write at start: each consumer's record and each key's pointer to it.
+pub fn seed_copies(catalog: &Catalog) -> Vec<(String, String)> {
+    let mut items: Vec<(String, String)> = catalog
+        .consumers
+        .iter()
+        .map(|c| (keys::consumer_record(&c.username), record::to_json(c)))
+        .collect();
+    items.extend(
+        catalog
+            .by_key
+            .iter()
+            .map(|(hash, c)| (keys::key_record(hash), c.username.to_string())),
+    );
+    items
+}

@@ -1,0 +1,414 @@
+//! The Redis adapter: a deadpool-redis pool behind short timeouts and a health latch.
+//!
+//! Redis is never allowed to slow the service down. Every operation is bounded by the command
+//! timeout; the first failure marks Redis down, after which callers skip it without any I/O until the
+//! health loop (a PING every `health_interval_ms`) sees it answer again. Callers fall back to the
+//! in-process cache and the seed, and keep counters in memory meanwhile.
+
+pub mod keys;
+pub mod scripts;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use deadpool_redis::{Manager, Pool, Runtime};
+use jiff::civil::Date;
+use metrics::{Counter, Gauge, counter, gauge};
+use redis::{AsyncConnectionConfig, ErrorKind, Pipeline, RedisError, ServerErrorKind, Value};
+
+use crate::config::RedisSettings;
+use crate::core::model::SLOTS;
+use scripts::Lua;
+
+/// Why an operation failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// Redis cannot be reached in time: it is marked down.
+    Unavailable(String),
+    /// Redis answered with an error (wrong type, script error): data trouble, not an outage.
+    Rejected(String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Unavailable(e) => write!(f, "redis unavailable: {e}"),
+            StoreError::Rejected(e) => write!(f, "redis rejected the command: {e}"),
+        }
+    }
+}
+
+/// A string value and whether it has no TTL (an operator's record, never overwritten by seed copies).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub value: String,
+    pub persistent: bool,
+}
+
+/// One counter hash's increments within a batch.
+#[derive(Debug, Clone)]
+pub struct CounterDelta {
+    pub entry: Arc<str>,
+    pub date: Date,
+    pub slots: [u64; SLOTS],
+}
+
+/// One consumer's share of a batch (one script call, one Cluster slot).
+#[derive(Debug, Clone)]
+pub struct ConsumerBatch {
+    pub username: Arc<str>,
+    pub counters: Vec<CounterDelta>,
+}
+
+/// Counters of one consumer and day as Redis holds them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StoredUsage {
+    pub entries: Vec<(String, [u64; SLOTS])>,
+    /// The last batch sequence of this instance applied for the consumer.
+    pub applied_seq: u64,
+}
+
+pub struct RedisStore {
+    pool: Pool,
+    timeout: Duration,
+    up: AtomicBool,
+    up_gauge: Gauge,
+    errors: Counter,
+    url_for_logs: String,
+}
+
+impl RedisStore {
+    /// Builds the pool; nothing connects until first use. Fails only on a malformed URL.
+    pub fn new(settings: &RedisSettings) -> Result<RedisStore, String> {
+        let connect = Duration::from_millis(settings.connect_timeout_ms);
+        let timeout = Duration::from_millis(settings.command_timeout_ms);
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(connect))
+            .set_response_timeout(Some(timeout));
+        let manager =
+            Manager::new_with_config(settings.url.as_str(), config).map_err(|e| e.to_string())?;
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(connect))
+            .recycle_timeout(Some(timeout))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let store = RedisStore {
+            pool,
+            timeout,
+            up: AtomicBool::new(false),
+            up_gauge: gauge!("uma_redis_up"),
+            errors: counter!("uma_redis_errors_total"),
+            url_for_logs: redact(&settings.url),
+        };
+        store.up_gauge.set(0.0);
+        Ok(store)
+    }
+
+    /// Whether Redis answered lately; when false, callers must not wait on it.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    fn set_up(&self, up: bool) {
+        if self.up.swap(up, Ordering::AcqRel) != up {
+            self.up_gauge.set(if up { 1.0 } else { 0.0 });
+            if up {
+                tracing::info!(redis = %self.url_for_logs, "redis connected");
+            } else {
+                tracing::warn!(redis = %self.url_for_logs, "redis unavailable; serving from cache and seed, counting in memory");
+            }
+        }
+    }
+
+    /// Runs `op` on a pooled connection within the command timeout; an outage marks Redis down.
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let attempt = async {
+            let conn = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            op(conn).await.map_err(classify)
+        };
+        let result = match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer within {:?}",
+                self.timeout
+            ))),
+        };
+        if let Err(error) = &result {
+            self.errors.increment(1);
+            if matches!(error, StoreError::Unavailable(_)) {
+                self.set_up(false);
+            }
+        }
+        result
+    }
+
+    /// PING; updates the health latch either way.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let result = self
+            .run(
+                |mut conn| async move { redis::cmd("PING").query_async::<String>(&mut conn).await },
+            )
+            .await;
+        if result.is_ok() {
+            self.set_up(true);
+        }
+        result.map(|_| ())
+    }
+
+    /// Checks Redis every `interval` (faster while it is down) and calls `on_up` on each recovery.
+    pub fn spawn_health_loop(
+        self: &Arc<Self>,
+        interval: Duration,
+        on_up: impl Fn() + Send + 'static,
+    ) {
+        let store = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(store) = store.upgrade() else { return };
+                let was_up = store.is_up();
+                let now_up = store.ping().await.is_ok();
+                if now_up && !was_up {
+                    on_up();
+                }
+                drop(store);
+                tokio::time::sleep(interval).await;
+            }
+        });
+    }
+
+    /// GET and PTTL of one string key, in one round trip.
+    pub async fn get_record(&self, key: &str) -> Result<Option<Record>, StoreError> {
+        let key = key.to_owned();
+        let (value, ttl): (Option<String>, i64) = self
+            .run(|mut conn| async move {
+                redis::pipe()
+                    .cmd("GET")
+                    .arg(&key)
+                    .cmd("PTTL")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(value.map(|value| Record {
+            value,
+            persistent: ttl == -1,
+        }))
+    }
+
+    /// Writes seed copies with a TTL, leaving records an operator made persistent alone.
+    pub async fn put_seed_copies(
+        &self,
+        items: &[(String, String)],
+        ttl_secs: u64,
+    ) -> Result<(), StoreError> {
+        for chunk in items.chunks(500) {
+            let mut pipe = redis::pipe();
+            for (key, value) in chunk {
+                evalsha(
+                    &mut pipe,
+                    &scripts::SET_UNLESS_PERSISTENT,
+                    &[key.as_str()],
+                    &[value.clone(), ttl_secs.to_string()],
+                );
+            }
+            self.query_with_scripts(&pipe, &[&scripts::SET_UNLESS_PERSISTENT])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Applies a counter batch, one script call per consumer, all in one round trip.
+    pub async fn apply_batch(
+        &self,
+        instance: &str,
+        seq: u64,
+        retention_secs: u64,
+        batch: &[ConsumerBatch],
+    ) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        for consumer in batch {
+            let mut keys = vec![keys::tdl_applied(&consumer.username)];
+            let mut args = vec![
+                instance.to_owned(),
+                seq.to_string(),
+                retention_secs.to_string(),
+            ];
+            for counter in &consumer.counters {
+                keys.push(keys::tdl_counter(
+                    &consumer.username,
+                    &counter.entry,
+                    counter.date,
+                ));
+                keys.push(keys::tdl_entries(&consumer.username, counter.date));
+                let fields: Vec<(usize, u64)> = counter
+                    .slots
+                    .iter()
+                    .copied()
+                    .enumerate()
+                    .filter(|(_, n)| *n > 0)
+                    .collect();
+                args.push(counter.entry.to_string());
+                args.push(fields.len().to_string());
+                for (slot, n) in fields {
+                    args.push(format!("T{}", slot + 1));
+                    args.push(n.to_string());
+                }
+            }
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            evalsha(&mut pipe, &scripts::APPLY_BATCH, &keys, &args);
+        }
+        self.query_with_scripts(&pipe, &[&scripts::APPLY_BATCH])
+            .await
+    }
+
+    /// Today's counters of a consumer: the given entries plus any other entry used that day.
+    pub async fn read_usage(
+        &self,
+        username: &str,
+        date: Date,
+        instance: &str,
+        known_entries: &[&str],
+    ) -> Result<StoredUsage, StoreError> {
+        let index = keys::tdl_entries(username, date);
+        let used: Vec<String> = self
+            .run(|mut conn| async move {
+                redis::cmd("SMEMBERS")
+                    .arg(&index)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let mut ids: Vec<String> = known_entries.iter().map(|s| s.to_string()).collect();
+        for id in used {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HMGET").arg(keys::tdl_counter(username, id, date));
+            for slot in 1..=SLOTS {
+                pipe.arg(format!("T{slot}"));
+            }
+        }
+        pipe.cmd("HGET")
+            .arg(keys::tdl_applied(username))
+            .arg(instance);
+        let (counts, applied): (Vec<Vec<Option<u64>>>, Option<u64>) = self
+            .run(|mut conn| async move {
+                let mut values: Vec<Value> = pipe.query_async(&mut conn).await?;
+                let applied_value = values.pop().unwrap_or(Value::Nil);
+                let applied: Option<u64> = redis::from_redis_value(applied_value)?;
+                let counts: Vec<Vec<Option<u64>>> = values
+                    .into_iter()
+                    .map(redis::from_redis_value)
+                    .collect::<Result<_, _>>()?;
+                Ok((counts, applied))
+            })
+            .await?;
+        let entries = ids
+            .into_iter()
+            .zip(counts)
+            .map(|(id, slots)| {
+                let mut day = [0u64; SLOTS];
+                for (i, n) in slots.into_iter().enumerate().take(SLOTS) {
+                    day[i] = n.unwrap_or(0);
+                }
+                (id, day)
+            })
+            .collect();
+        Ok(StoredUsage {
+            entries,
+            applied_seq: applied.unwrap_or(0),
+        })
+    }
+
+    /// Runs a pipeline of EVALSHAs; if Redis lost its script cache, loads the scripts and retries
+    /// once (the scripts are idempotent, so a partial first run is harmless).
+    async fn query_with_scripts(&self, pipe: &Pipeline, used: &[&Lua]) -> Result<(), StoreError> {
+        let first = self
+            .run(|mut conn| async move { pipe.query_async::<Value>(&mut conn).await })
+            .await;
+        match first {
+            Err(StoreError::Rejected(message)) if message.contains("NOSCRIPT") => {
+                for lua in used {
+                    let source = lua.source;
+                    self.run(|mut conn| async move {
+                        redis::cmd("SCRIPT")
+                            .arg("LOAD")
+                            .arg(source)
+                            .query_async::<String>(&mut conn)
+                            .await
+                    })
+                    .await?;
+                }
+                self.run(|mut conn| async move { pipe.query_async::<Value>(&mut conn).await })
+                    .await
+                    .map(|_| ())
+            }
+            other => other.map(|_| ()),
+        }
+    }
+}
+
+fn evalsha(pipe: &mut Pipeline, lua: &Lua, keys: &[&str], args: &[String]) {
+    pipe.cmd("EVALSHA")
+        .arg(lua.sha())
+        .arg(keys.len())
+        .arg(keys)
+        .arg(args);
+}
+
+fn classify(error: RedisError) -> StoreError {
+    let outage = error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || matches!(
+            error.kind(),
+            ErrorKind::Io | ErrorKind::Server(ServerErrorKind::BusyLoading)
+        );
+    if outage {
+        StoreError::Unavailable(error.to_string())
+    } else {
+        StoreError::Rejected(error.to_string())
+    }
+}
+
+/// The URL without a password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}***{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("redis://:secret@127.0.0.1:6379/0"),
+            "redis://***@127.0.0.1:6379/0"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests run for real (binary name -> package). Grows with the Redis and gateway
 # tiers; a binary that is still missing after this step makes its tests fail with a clear message.
-declare -A packages=()
+declare -A packages=([redis-server]=redis-server [redis-cli]=redis-tools)
 missing=()
 for binary in "${!packages[@]}"; do
     command -v "$binary" >/dev/null 2>&1 || missing+=("${packages[$binary]}")

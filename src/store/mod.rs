@@ -29,6 +29,8 @@ pub enum StoreError {
     Unavailable(String),
     /// Redis answered with an error (wrong type, script error): data trouble, not an outage.
     Rejected(String),
+    /// Redis does not know a script (it restarted or was flushed): load it and retry.
+    NoScript,
 }
 
 impl std::fmt::Display for StoreError {
@@ -36,6 +38,7 @@ impl std::fmt::Display for StoreError {
         match self {
             StoreError::Unavailable(e) => write!(f, "redis unavailable: {e}"),
             StoreError::Rejected(e) => write!(f, "redis rejected the command: {e}"),
+            StoreError::NoScript => write!(f, "redis lost its scripts"),
         }
     }
 }
@@ -147,6 +150,9 @@ impl RedisStore {
             ))),
         };
         if let Err(error) = &result {
+            if *error == StoreError::NoScript {
+                return result;
+            }
             self.errors.increment(1);
             if matches!(error, StoreError::Unavailable(_)) {
                 self.set_up(false);
@@ -344,7 +350,7 @@ impl RedisStore {
             .run(|mut conn| async move { pipe.query_async::<Value>(&mut conn).await })
             .await;
         match first {
-            Err(StoreError::Rejected(message)) if message.contains("NOSCRIPT") => {
+            Err(StoreError::NoScript) => {
                 for lua in used {
                     let source = lua.source;
                     self.run(|mut conn| async move {
@@ -374,6 +380,9 @@ fn evalsha(pipe: &mut Pipeline, lua: &Lua, keys: &[&str], args: &[String]) {
 }
 
 fn classify(error: RedisError) -> StoreError {
+    if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) {
+        return StoreError::NoScript;
+    }
     let outage = error.is_io_error()
         || error.is_timeout()
         || error.is_connection_dropped()

@@ -1,0 +1,512 @@
+//! The Redis tier against real `redis-server` processes: seed copies and operator records, counters
+//! exactly once in both modes, and faults (kill, restart, SIGSTOP, absent at start, SIGTERM).
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::redis::Redis;
+use common::*;
+
+const USER1_COUNTER: &str = "uma:tdl:{user1-client}:kt-midm-base:*";
+
+fn service(redis: &Redis, extra: &[(&str, &str)]) -> Service {
+    let url = redis.url();
+    let mut env = vec![("UMA_REDIS__URL", url.as_str())];
+    env.extend_from_slice(extra);
+    let service = Service::bundled_with_env(&env);
+    wait_connected(&service, true);
+    service
+}
+
+fn readyz_connected(service: &Service) -> Option<bool> {
+    let r = service.get("/readyz", &[]);
+    r.json()["redis"]["connected"].as_bool()
+}
+
+fn wait_connected(service: &Service, connected: bool) -> Duration {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        if readyz_connected(service) == Some(connected) {
+            return started.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("/readyz never reported connected={connected}");
+}
+
+/// Sum of a consumer's counters over every day (a test may cross midnight).
+fn total(redis: &Redis, pattern: &str) -> u64 {
+    let keys = redis.cli(&["KEYS", pattern]);
+    keys.lines()
+        .filter(|k| !k.is_empty())
+        .map(|k| redis.counter_total(k))
+        .sum()
+}
+
+fn allowed(service: &Service) -> u16 {
+    service.auth(USER1_KEY, "/midm-base/chat").status
+}
+
+#[test]
+fn seed_copies_are_written_with_a_ttl_and_operator_records_win() {
+    let redis = Redis::start();
+    let service = service(
+        &redis,
+        &[
+            ("UMA_REDIS__CACHE_TTL_SECS", "120"),
+            ("UMA_CACHE__LOCAL_TTL_MS", "100"),
+        ],
+    );
+    assert!(redis.wait_for(Duration::from_secs(3), |r| {
+        r.cli(&["EXISTS", "uma:consumer:{user1-client}"]) == "1"
+    }));
+    let ttl: i64 = redis
+        .cli(&["TTL", "uma:consumer:{user1-client}"])
+        .parse()
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 120, "ttl {ttl}");
+    let user1_hash = std::process::Command::new(BIN)
+        .args(["hash-key", USER1_KEY])
+        .output()
+        .unwrap();
+    let user1_hash = String::from_utf8(user1_hash.stdout).unwrap();
+    let key_record = format!("uma:key:{}", user1_hash.trim());
+    assert_eq!(redis.cli(&["GET", &key_record]), "user1-client");
+    let key_ttl: i64 = redis.cli(&["TTL", &key_record]).parse().unwrap();
+    assert!(key_ttl > 0 && key_ttl <= 120);
+    // No plain key anywhere in Redis.
+    for key in redis.cli(&["KEYS", "*"]).lines() {
+        assert!(
+            !key.contains(USER1_KEY) && !key.contains(ADMIN_KEY),
+            "{key}"
+        );
+    }
+    let record = redis.cli(&["GET", "uma:consumer:{user1-client}"]);
+    assert!(!record.contains(USER1_KEY));
+    let parsed: serde_json::Value = serde_json::from_str(&record).unwrap();
+    assert_eq!(parsed["metadata_list"][0]["id"], "kt-midm-base");
+
+    // An operator takes the record over: SET without a TTL. It is served after the local TTL.
+    let changed = record.replace(
+        "\"provider_name\":\"kt\"",
+        "\"provider_name\":\"kt-operator\"",
+    );
+    redis.cli(&["SET", "uma:consumer:{user1-client}", &changed]);
+    std::thread::sleep(Duration::from_millis(250));
+    let r = service.auth(USER1_KEY, "/midm-base/chat");
+    assert_eq!(r.header("x-user-provider"), Some("kt-operator"), "{r:?}");
+
+    // An operator adds a key of their own (no TTL): it works without being in the seed.
+    let new_hash = std::process::Command::new(BIN)
+        .args(["hash-key", "operator-made-key"])
+        .output()
+        .unwrap();
+    let new_key_record = format!(
+        "uma:key:{}",
+        String::from_utf8(new_hash.stdout).unwrap().trim()
+    );
+    redis.cli(&["SET", &new_key_record, "admin-client"]);
+    let r = service.auth("operator-made-key", "/gpt4o/chat");
+    assert_eq!(r.header("x-consumer-id"), Some("azure-gpt4o"), "{r:?}");
+
+    // A seed copy (with a TTL) of a key the running seed does not have is not honoured: revoked.
+    let stale_hash = std::process::Command::new(BIN)
+        .args(["hash-key", "deleted-from-seed"])
+        .output()
+        .unwrap();
+    let stale_record = format!(
+        "uma:key:{}",
+        String::from_utf8(stale_hash.stdout).unwrap().trim()
+    );
+    redis.cli(&["SET", &stale_record, "admin-client", "EX", "600"]);
+    assert_eq!(service.auth("deleted-from-seed", "/gpt4o/chat").status, 401);
+}
+
+#[test]
+fn a_restart_rewrites_seed_copies_but_never_operator_records() {
+    let redis = Redis::start();
+    redis.cli(&[
+        "SET",
+        "uma:consumer:{user1-client}",
+        "{\"username\":\"user1-client\",\"custom_id\":\"old\"}",
+        "EX",
+        "600",
+    ]);
+    redis.cli(&[
+        "SET",
+        "uma:consumer:{admin-client}",
+        "{\"username\":\"admin-client\",\"custom_id\":\"mine\"}",
+    ]);
+    let service = service(&redis, &[]);
+    assert!(redis.wait_for(Duration::from_secs(3), |r| {
+        r.cli(&["GET", "uma:consumer:{user1-client}"])
+            .contains("client-001")
+    }));
+    let admin = redis.cli(&["GET", "uma:consumer:{admin-client}"]);
+    assert!(
+        admin.contains("\"mine\""),
+        "operator record overwritten: {admin}"
+    );
+    assert_eq!(redis.cli(&["TTL", "uma:consumer:{admin-client}"]), "-1");
+    let r = service.auth(ADMIN_KEY, "/gpt4o/chat");
+    // The operator's record has no metadata list of its own and no route list applies: 403.
+    assert_eq!(r.status, 403, "{r:?}");
+    let r = service.get(
+        "/auth",
+        &[
+            ("apikey", ADMIN_KEY),
+            ("X-Forwarded-Uri", "/api/user-metadata"),
+        ],
+    );
+    assert_eq!(r.header("x-consumer-custom-id"), Some("mine"), "{r:?}");
+}
+
+#[test]
+fn corrupt_records_fall_back_to_the_seed() {
+    let redis = Redis::start();
+    let service = service(&redis, &[("UMA_CACHE__LOCAL_TTL_MS", "50")]);
+    assert!(redis.wait_for(Duration::from_secs(3), |r| {
+        r.cli(&["EXISTS", "uma:consumer:{user1-client}"]) == "1"
+    }));
+    for corrupt in [
+        "{broken json",
+        "{\"username\":\"user1-client\",\"metadata_list\":[{\"id\":\"x\"}]}",
+        "[1,2,3]",
+    ] {
+        redis.cli(&["SET", "uma:consumer:{user1-client}", corrupt]);
+        std::thread::sleep(Duration::from_millis(80));
+        let r = service.auth(USER1_KEY, "/midm-base/chat");
+        assert_eq!(r.status, 200, "{corrupt}: {r:?}");
+        assert_eq!(r.header("x-user-provider"), Some("kt"));
+    }
+    redis.cli(&["DEL", "uma:consumer:{user1-client}"]);
+    redis.cli(&["HSET", "uma:consumer:{user1-client}", "wrong", "type"]);
+    std::thread::sleep(Duration::from_millis(80));
+    assert_eq!(allowed(&service), 200);
+    let metrics = service.get("/metrics", &[]).body;
+    let corrupt: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("uma_redis_corrupt_records_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(corrupt >= 3.0, "{metrics}");
+}
+
+fn counts_exactly(mode: &str) {
+    let redis = Redis::start();
+    let service = service(
+        &redis,
+        &[
+            ("UMA_TDL__MODE", mode),
+            ("UMA_TDL__FLUSH_INTERVAL_MS", "50"),
+        ],
+    );
+    for i in 1..=60u64 {
+        assert_eq!(allowed(&service), 200);
+        if mode == "sync" && i % 20 == 0 {
+            // Sync: the increment is in Redis before the 200 is sent.
+            assert_eq!(total(&redis, USER1_COUNTER), i);
+        }
+    }
+    for _ in 0..5 {
+        assert_eq!(service.auth(USER1_KEY, "/gpt4o/chat").status, 403);
+        assert_eq!(service.auth("wrong-key", "/midm-base/chat").status, 401);
+    }
+    assert!(redis.wait_for(Duration::from_secs(3), |r| total(r, USER1_COUNTER) == 60));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(total(&redis, USER1_COUNTER), 60);
+    assert_eq!(
+        redis.cli(&["KEYS", "uma:tdl:{admin-client}*"]),
+        "",
+        "denied calls count nothing"
+    );
+    let ttl: i64 = redis
+        .cli(&["TTL", &redis.cli(&["KEYS", USER1_COUNTER])])
+        .parse()
+        .unwrap();
+    assert!(
+        ttl > 34 * 86_400 && ttl <= 35 * 86_400,
+        "retention ttl {ttl}"
+    );
+    let tdl = service
+        .get("/api/tdl-matrix", &[("apikey", USER1_KEY)])
+        .json();
+    let usage: u64 = tdl["entries"][0]["usage"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(usage, 60);
+}
+
+#[test]
+fn async_mode_counts_every_allowed_call_exactly_once() {
+    counts_exactly("async");
+}
+
+#[test]
+fn sync_mode_counts_every_allowed_call_exactly_once() {
+    counts_exactly("sync");
+}
+
+#[test]
+fn two_instances_add_up() {
+    let redis = Redis::start();
+    let a = service(&redis, &[]);
+    let b = service(&redis, &[("UMA_TDL__MODE", "sync")]);
+    for _ in 0..40 {
+        assert_eq!(allowed(&a), 200);
+        assert_eq!(allowed(&b), 200);
+    }
+    assert!(redis.wait_for(Duration::from_secs(3), |r| total(r, USER1_COUNTER) == 80));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(total(&redis, USER1_COUNTER), 80);
+}
+
+/// Calls `/auth` in a loop on another thread until stopped; returns (calls, non-200s, slowest).
+struct Stream {
+    stop: Arc<AtomicBool>,
+    calls: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<(u64, Vec<u16>, Duration)>,
+}
+
+impl Stream {
+    fn start(addr: std::net::SocketAddr) -> Stream {
+        let stop = Arc::new(AtomicBool::new(false));
+        let calls = Arc::new(AtomicU64::new(0));
+        let (stop2, calls2) = (stop.clone(), calls.clone());
+        let thread = std::thread::spawn(move || {
+            let mut failures = Vec::new();
+            let mut slowest = Duration::ZERO;
+            let mut n = 0;
+            while !stop2.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let r = request(
+                    addr,
+                    "GET",
+                    "/auth",
+                    &[
+                        ("apikey", USER1_KEY),
+                        ("X-Forwarded-Uri", "/midm-base/chat"),
+                    ],
+                );
+                slowest = slowest.max(started.elapsed());
+                if r.status != 200 {
+                    failures.push(r.status);
+                }
+                n += 1;
+                calls2.store(n, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (n, failures, slowest)
+        });
+        Stream {
+            stop,
+            calls,
+            thread,
+        }
+    }
+
+    fn wait_calls(&self, at_least: u64) {
+        while self.calls.load(Ordering::Relaxed) < at_least {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn finish(self) -> (u64, Vec<u16>, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+#[test]
+fn killing_and_restarting_redis_loses_nothing() {
+    let mut redis = Redis::start();
+    let service = service(&redis, &[("UMA_CACHE__LOCAL_TTL_MS", "100")]);
+    let stream = Stream::start(service.addr);
+    stream.wait_calls(50);
+    redis.kill();
+    let down = wait_connected(&service, false);
+    assert!(
+        down < Duration::from_millis(1200),
+        "outage seen after {down:?}"
+    );
+    stream.wait_calls(stream.calls.load(Ordering::Relaxed) + 100);
+    redis.launch();
+    let up = wait_connected(&service, true);
+    assert!(
+        up < Duration::from_millis(1200),
+        "recovery seen after {up:?}"
+    );
+    stream.wait_calls(stream.calls.load(Ordering::Relaxed) + 50);
+    let (calls, failures, slowest) = stream.finish();
+    assert!(
+        failures.is_empty(),
+        "non-200 answers during the outage: {failures:?}"
+    );
+    // Not a speed test: a call that waited on the dead Redis would take seconds, not milliseconds.
+    assert!(
+        slowest < Duration::from_millis(500),
+        "slowest call {slowest:?}"
+    );
+    assert!(
+        redis.wait_for(Duration::from_secs(5), |r| total(r, USER1_COUNTER) == calls),
+        "{} of {calls}",
+        total(&redis, USER1_COUNTER)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(total(&redis, USER1_COUNTER), calls);
+}
+
+#[test]
+fn a_hung_redis_neither_stalls_calls_nor_doubles_counts() {
+    for mode in ["async", "sync"] {
+        let redis = Redis::start();
+        let service = service(
+            &redis,
+            &[
+                ("UMA_TDL__MODE", mode),
+                ("UMA_CACHE__LOCAL_TTL_MS", "100"),
+                ("UMA_TDL__FLUSH_INTERVAL_MS", "20"),
+            ],
+        );
+        let stream = Stream::start(service.addr);
+        stream.wait_calls(40);
+        redis.freeze();
+        wait_connected(&service, false);
+        stream.wait_calls(stream.calls.load(Ordering::Relaxed) + 80);
+        redis.thaw();
+        wait_connected(&service, true);
+        stream.wait_calls(stream.calls.load(Ordering::Relaxed) + 40);
+        let (calls, failures, slowest) = stream.finish();
+        assert!(failures.is_empty(), "{mode}: {failures:?}");
+        assert!(
+            slowest < Duration::from_millis(500),
+            "{mode}: slowest call {slowest:?}"
+        );
+        assert!(
+            redis.wait_for(Duration::from_secs(5), |r| total(r, USER1_COUNTER) >= calls),
+            "{mode}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            total(&redis, USER1_COUNTER),
+            calls,
+            "{mode}: counted exactly once"
+        );
+    }
+}
+
+#[test]
+fn redis_absent_at_start_then_started() {
+    let mut redis = Redis::not_started();
+    let url = redis.url();
+    let service = Service::bundled_with_env(&[("UMA_REDIS__URL", url.as_str())]);
+    assert_eq!(readyz_connected(&service), Some(false));
+    assert_eq!(
+        service.get("/readyz", &[]).json()["redis"]["configured"],
+        true
+    );
+    for _ in 0..25 {
+        assert_eq!(allowed(&service), 200, "seed keys are served without Redis");
+    }
+    // A key in no local source cannot be decided without Redis.
+    let r = service.auth("never-seen-key", "/midm-base/chat");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.json()["message"], "Metadata store unavailable");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    redis.launch();
+    let up = wait_connected(&service, true);
+    assert!(up < Duration::from_millis(1200), "{up:?}");
+    assert!(redis.wait_for(Duration::from_secs(3), |r| total(r, USER1_COUNTER) == 25));
+    assert_eq!(
+        service.auth("never-seen-key", "/midm-base/chat").status,
+        401
+    );
+}
+
+#[test]
+fn sigterm_writes_pending_increments() {
+    let redis = Redis::start();
+    // A flush interval longer than the test: only the final flush can write these.
+    let service = service(&redis, &[("UMA_TDL__FLUSH_INTERVAL_MS", "600000")]);
+    for _ in 0..30 {
+        assert_eq!(allowed(&service), 200);
+    }
+    assert_eq!(total(&redis, USER1_COUNTER), 0);
+    let tdl = service
+        .get("/api/tdl-matrix", &[("apikey", USER1_KEY)])
+        .json();
+    let pending: u64 = tdl["entries"][0]["usage"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(pending, 30, "pending increments are shown");
+    let status = service.terminate(Duration::from_secs(8)).expect("exit");
+    assert!(status.success());
+    assert_eq!(total(&redis, USER1_COUNTER), 30);
+}
+
+#[test]
+fn sigterm_with_redis_down_still_exits_zero() {
+    let mut redis = Redis::start();
+    let service = service(
+        &redis,
+        &[
+            ("UMA_TDL__FLUSH_INTERVAL_MS", "600000"),
+            ("UMA_TDL__SHUTDOWN_FLUSH_MS", "500"),
+        ],
+    );
+    for _ in 0..5 {
+        assert_eq!(allowed(&service), 200);
+    }
+    redis.kill();
+    let started = Instant::now();
+    let status = service.terminate(Duration::from_secs(8)).expect("exit");
+    assert!(status.success());
+    assert!(started.elapsed() < Duration::from_secs(6));
+}
+
+#[test]
+fn unknown_keys_are_cached_negatively() {
+    let redis = Redis::start();
+    let service = service(&redis, &[]);
+    let before = redis.command_calls("get");
+    for _ in 0..50 {
+        assert_eq!(service.auth("flood-key", "/midm-base/chat").status, 401);
+    }
+    let asked = redis.command_calls("get") - before;
+    assert!(asked <= 2, "{asked} GETs for 50 calls with one bad key");
+}
+
+#[test]
+fn a_cold_lookup_on_a_hung_redis_answers_within_the_timeout() {
+    let redis = Redis::start();
+    let service = service(&redis, &[("UMA_CACHE__LOCAL_TTL_MS", "1")]);
+    assert_eq!(allowed(&service), 200);
+    let sleeper = {
+        let port = redis.port.to_string();
+        std::thread::spawn(move || {
+            let _ = std::process::Command::new("redis-cli")
+                .args(["-p", &port, "DEBUG", "SLEEP", "2"])
+                .output();
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    let r = service.auth(ADMIN_KEY, "/gpt4o/chat");
+    assert_eq!(r.status, 200, "a seed key is served from the seed");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    sleeper.join().unwrap();
+}

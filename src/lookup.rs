@@ -18,7 +18,7 @@ use crate::config::CacheSettings;
 use crate::core::decide::Catalog;
 use crate::core::{Consumer, KeyHash};
 use crate::seed::record;
-use crate::store::{RedisStore, StoreError, keys};
+use crate::store::{Record, RedisStore, StoreError, keys};
 
 /// What a key resolves to.
 #[derive(Debug, Clone)]
@@ -116,11 +116,6 @@ impl Resolver {
         self.seed_copy_ttl_secs
     }
 
-    /// Drops every cached answer (tests, and a future seed reload).
-    pub fn clear(&self) {
-        self.cache.invalidate_all();
-    }
-
     async fn ask_redis(
         &self,
         store: &Arc<RedisStore>,
@@ -129,7 +124,7 @@ impl Resolver {
     ) -> Result<Option<Arc<Consumer>>, StoreError> {
         let seed = catalog.by_key.get(key);
         let key_name = keys::key_record(key);
-        let key_record = store.get_record(&key_name).await?;
+        let key_record = self.readable(store.get_record(&key_name).await, &key_name)?;
         let from_redis = key_record
             .as_ref()
             .filter(|r| r.persistent || seed.is_some())
@@ -148,7 +143,7 @@ impl Resolver {
         };
         let seed = catalog.by_name.get(username.as_str());
         let record_name = keys::consumer_record(&username);
-        let record = store.get_record(&record_name).await?;
+        let record = self.readable(store.get_record(&record_name).await, &record_name)?;
         if let Some(r) = record.as_ref().filter(|r| r.persistent || seed.is_some()) {
             match record::from_json(&r.value, &record_name) {
                 Ok(consumer) if *consumer.username == *username => {
@@ -168,6 +163,23 @@ impl Resolver {
                 Ok(Some(seed.clone()))
             }
             None => Ok(None),
+        }
+    }
+
+    /// A value Redis refuses to read as a string (an operator wrote another type) is a corrupt
+    /// record: treated as missing, so the seed answers.
+    fn readable(
+        &self,
+        read: Result<Option<Record>, StoreError>,
+        key: &str,
+    ) -> Result<Option<Record>, StoreError> {
+        match read {
+            Err(StoreError::Rejected(error)) => {
+                self.corrupt.increment(1);
+                tracing::warn!(%key, %error, "unreadable record in Redis; treated as missing");
+                Ok(None)
+            }
+            other => other,
         }
     }
 

@@ -231,8 +231,7 @@ impl TdlCounters {
             .map_err(|_| UsageUnavailable)?;
         add_all(&mut total, stored.entries);
         // Local increments count unless Redis already has them (their batch sequence is applied).
-        if let Some((seq, counts)) = in_flight.filter(|(seq, _)| *seq > stored.applied_seq) {
-            let _ = seq;
+        if let Some((_, counts)) = in_flight.filter(|(seq, _)| *seq > stored.applied_seq) {
             add_all(&mut total, counts);
         }
         if pending_seq > stored.applied_seq {

@@ -5,9 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests run for real (binary name -> package). Grows with the Redis and gateway
-# tiers; a binary that is still missing after this step makes its tests fail with a clear message.
-declare -A packages=([redis-server]=redis-server [redis-cli]=redis-tools)
+# Debian packages the tests run for real (binary name -> package): Redis for the Redis tier, nginx
+# and Caddy for gateway tests, Prometheus/promtool for metrics, luac5.1 to syntax-check the Kong
+# plugin. A binary still missing after this step makes its tests fail with a clear message.
+declare -A packages=(
+    [redis-server]=redis-server [redis-cli]=redis-tools
+    [nginx]=nginx [caddy]=caddy
+    [prometheus]=prometheus [promtool]=prometheus
+    [luac5.1]=lua5.1
+)
 missing=()
 for binary in "${!packages[@]}"; do
     command -v "$binary" >/dev/null 2>&1 || missing+=("${packages[$binary]}")

@@ -44,6 +44,8 @@ pub async fn serve(
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
+    // Gateways should reuse connections; this shows whether they do.
+    let accepted = metrics::counter!("uma_http_connections_total");
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -58,6 +60,7 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        accepted.increment(1);
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let service = service_fn(move |request: hyper::Request<Incoming>| {

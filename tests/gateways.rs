@@ -1,0 +1,489 @@
+//! Real gateways with the files from `deploy/`: Debian's nginx (auth_request) and Caddy
+//! (forward_auth) in front of an upstream that echoes what it receives, asking the real service.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::echo::Echo;
+use common::redis::free_port;
+use common::*;
+
+const HEADERS: [&str; 12] = [
+    "X-User-TDL-Matrix",
+    "X-User-Capabilities",
+    "X-Consumer-ID",
+    "X-User-Max-Input-Tokens",
+    "X-User-Max-Output-Tokens",
+    "X-User-Input-Cost",
+    "X-User-Output-Cost",
+    "X-User-Provider",
+    "X-User-Tags",
+    "X-Consumer-Username",
+    "X-Consumer-Custom-ID",
+    "X-Consumer-Groups",
+];
+
+fn require(binary: &str, package: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {binary}"))
+        .output();
+    assert!(
+        found.map(|o| o.status.success()).unwrap_or(false),
+        "`{binary}` is not installed: install Debian's {package} package (scripts/test.sh does this as root)"
+    );
+}
+
+/// Replaces `from` with `to` in a deploy file, failing loudly if the file no longer has it.
+fn substitute(text: &str, from: &str, to: &str) -> String {
+    assert!(
+        text.contains(from),
+        "deploy file no longer contains `{from}`"
+    );
+    text.replace(from, to)
+}
+
+/// A running gateway process; killed on drop.
+struct Gateway {
+    port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Gateway {
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn wait_listening(self) -> Gateway {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(self.addr()).is_ok() {
+                return self;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("gateway did not listen on {}", self.port);
+    }
+
+    fn nginx(service: SocketAddr, upstream: SocketAddr) -> Gateway {
+        require("nginx", "nginx");
+        let dir = tempfile::tempdir().unwrap();
+        // Workers run as nobody: they must reach the prefix for request-body temp files.
+        set_mode(dir.path(), 0o755);
+        let port = free_port();
+        let text = std::fs::read_to_string(manifest_dir().join("deploy/nginx/nginx.conf")).unwrap();
+        let text = substitute(&text, "listen 8080;", &format!("listen 127.0.0.1:{port};"));
+        let text = substitute(
+            &text,
+            "server 127.0.0.1:8089;",
+            &format!("server {service};"),
+        );
+        let text = substitute(
+            &text,
+            "server 127.0.0.1:9000;",
+            &format!("server {upstream};"),
+        );
+        let config = write_file(dir.path(), "nginx.conf", &text);
+        let pid = dir.path().join("nginx.pid");
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&config)
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .arg("-g")
+            .arg(format!("daemon off; pid {};", pid.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        Gateway {
+            port,
+            child,
+            _dir: dir,
+        }
+        .wait_listening()
+    }
+
+    fn caddy(service: SocketAddr, upstream: SocketAddr) -> Gateway {
+        require("caddy", "caddy");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let text = std::fs::read_to_string(manifest_dir().join("deploy/caddy/Caddyfile")).unwrap();
+        let text = substitute(&text, ":8080 {", &format!(":{port} {{\n\tbind 127.0.0.1"));
+        let text = substitute(
+            &text,
+            "forward_auth 127.0.0.1:8089 {",
+            &format!("forward_auth {service} {{"),
+        );
+        let text = substitute(
+            &text,
+            "reverse_proxy 127.0.0.1:9000",
+            &format!("reverse_proxy {upstream}"),
+        );
+        let config = write_file(dir.path(), "Caddyfile", &text);
+        let child = Command::new("caddy")
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&config)
+            .env("HOME", dir.path())
+            .env("XDG_DATA_HOME", dir.path())
+            .env("XDG_CONFIG_HOME", dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start caddy");
+        Gateway {
+            port,
+            child,
+            _dir: dir,
+        }
+        .wait_listening()
+    }
+
+    fn call(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Response {
+        let mut head =
+            format!("{method} {path} HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n");
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(body.as_bytes());
+        raw(self.addr(), &bytes, false)
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// What the echo upstream received.
+struct Received(serde_json::Value);
+
+impl Received {
+    fn of(r: &Response) -> Received {
+        assert_eq!(r.status, 200, "the call did not reach the upstream: {r:?}");
+        Received(r.json())
+    }
+
+    fn headers(&self, name: &str) -> Vec<String> {
+        self.0["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h[0].as_str().unwrap().eq_ignore_ascii_case(name))
+            .map(|h| h[1].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        let all = self.headers(name);
+        assert!(
+            all.len() <= 1,
+            "{name} reached the upstream {} times: {all:?}",
+            all.len()
+        );
+        all.into_iter().next()
+    }
+}
+
+fn connections_accepted(service: &Service) -> f64 {
+    service
+        .get("/metrics", &[])
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix("uma_http_connections_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A consumer without custom_id or groups: its empty headers are where a forged copy could slip in.
+fn bare_consumer_seed() -> String {
+    format!(
+        "consumers:\n  - username: bare\n    keyauth_credentials: [{{key: bare-key}}]\n{}",
+        metadata_plugin(&[("first", "p1"), ("second", "p2")])
+    )
+}
+
+type Start = fn(SocketAddr, SocketAddr) -> Gateway;
+const GATEWAYS: [(&str, Start); 2] = [("nginx", Gateway::nginx), ("caddy", Gateway::caddy)];
+
+#[test]
+fn allowed_calls_reach_the_upstream_with_the_headers_and_without_the_key() {
+    let service = Service::bundled();
+    let echo = Echo::start();
+    for (name, start) in GATEWAYS {
+        let gateway = start(service.addr, echo.addr);
+        let body = format!(
+            "{{\"messages\":[{{\"role\":\"user\",\"content\":\"안녕하세요 {}\"}}]}}",
+            "x".repeat(70_000)
+        );
+        let r = gateway.call(
+            "POST",
+            "/midm-base/chat?stream=false",
+            &[("apikey", USER1_KEY), ("Content-Type", "application/json")],
+            &body,
+        );
+        let got = Received::of(&r);
+        assert_eq!(got.0["method"], "POST", "{name}");
+        assert_eq!(got.0["uri"], "/midm-base/chat?stream=false", "{name}");
+        assert_eq!(
+            got.0["body"],
+            body.as_str(),
+            "{name}: the body reaches the upstream untouched"
+        );
+        let expected = service.auth(USER1_KEY, "/midm-base/chat");
+        for header in HEADERS {
+            assert_eq!(
+                got.header(header).as_deref(),
+                expected.header(header),
+                "{name}: {header}"
+            );
+        }
+        assert_eq!(
+            got.header("apikey"),
+            None,
+            "{name}: the key is hidden from the upstream"
+        );
+        let r = gateway.call("GET", "/gpt4o/chat", &[("x-api-key", ADMIN_KEY)], "");
+        let got = Received::of(&r);
+        assert_eq!(
+            got.header("X-Consumer-ID").as_deref(),
+            Some("azure-gpt4o"),
+            "{name}"
+        );
+        assert_eq!(got.header("x-api-key"), None, "{name}");
+    }
+}
+
+#[test]
+fn client_copies_of_the_headers_never_reach_the_upstream() {
+    let service = Service::with_files("", &bare_consumer_seed());
+    let echo = Echo::start();
+    for (name, start) in GATEWAYS {
+        let gateway = start(service.addr, echo.addr);
+        let forged: Vec<(&str, &str)> = HEADERS.iter().map(|h| (*h, "forged")).collect();
+        let mut headers = vec![("apikey", "bare-key")];
+        headers.extend(forged.iter().copied());
+        headers.push(("X-Consumer-Custom-ID", ""));
+        headers.push(("X-User-Extra", "forged"));
+        let got = Received::of(&gateway.call("GET", "/any", &headers, ""));
+        if name == "caddy" {
+            // Caddy removes every X-User-*/X-Consumer-* header a client sent; nginx replaces the
+            // twelve it sets and cannot delete by prefix (see deploy/nginx/README.md).
+            assert_eq!(got.header("X-User-Extra"), None);
+        }
+        for header in HEADERS {
+            for value in got.headers(header) {
+                assert_ne!(value, "forged", "{name}: a client's {header} got through");
+            }
+        }
+        assert_eq!(
+            got.header("X-Consumer-ID").as_deref(),
+            Some("first"),
+            "{name}"
+        );
+        assert_eq!(
+            got.header("X-Consumer-Username").as_deref(),
+            Some("bare"),
+            "{name}"
+        );
+        // Empty answers (no custom_id, no groups) arrive empty or not at all, never forged.
+        for header in ["X-Consumer-Custom-ID", "X-Consumer-Groups"] {
+            assert!(
+                got.header(header).is_none_or(|v| v.is_empty()),
+                "{name}: {header}"
+            );
+        }
+    }
+}
+
+#[test]
+fn clients_cannot_choose_the_entry_or_the_uri_the_service_sees() {
+    let service = Service::with_files("", &bare_consumer_seed());
+    let bundled = Service::bundled();
+    let echo = Echo::start();
+    for (name, start) in GATEWAYS {
+        let gateway = start(service.addr, echo.addr);
+        let got = Received::of(&gateway.call(
+            "GET",
+            "/x?metadata_id=second",
+            &[("apikey", "bare-key"), ("X-Metadata-Id", "second")],
+            "",
+        ));
+        assert_eq!(
+            got.header("X-Consumer-ID").as_deref(),
+            Some("first"),
+            "{name}"
+        );
+        let gateway = start(bundled.addr, echo.addr);
+        let spoofed = gateway.call(
+            "POST",
+            "/gpt4o/chat",
+            &[
+                ("apikey", USER1_KEY),
+                ("X-Forwarded-Uri", "/midm-base/chat"),
+                ("X-Original-URI", "/midm-base/chat"),
+                ("X-Forwarded-Method", "GET"),
+            ],
+            "{}",
+        );
+        assert_eq!(
+            spoofed.status, 403,
+            "{name}: the service must see the real URI: {spoofed:?}"
+        );
+    }
+}
+
+#[test]
+fn denials_pass_through_with_their_headers() {
+    let service = Service::bundled();
+    let echo = Echo::start();
+    for (name, start) in GATEWAYS {
+        let gateway = start(service.addr, echo.addr);
+        for (key, status) in [
+            (None, 401),
+            (Some("wrong-key"), 401),
+            (Some(USER1_KEY), 403),
+        ] {
+            let headers: Vec<(&str, &str)> = key.map(|k| vec![("apikey", k)]).unwrap_or_default();
+            let r = gateway.call("POST", "/gpt4o/chat", &headers, "{}");
+            assert_eq!(r.status, status, "{name}: {r:?}");
+            if status == 401 {
+                assert_eq!(
+                    r.header("www-authenticate"),
+                    Some(r#"Key realm="user-metadata-auth""#),
+                    "{name}"
+                );
+            }
+            assert!(r.json()["message"].is_string(), "{name}: JSON body {r:?}");
+            assert!(
+                !r.body.contains("\"uri\""),
+                "{name}: a denied call reached the upstream"
+            );
+        }
+    }
+}
+
+#[test]
+fn metadata_store_unavailable_comes_out_as_503_with_retry_after() {
+    // Redis configured but down, and a key in no local source: the service cannot decide.
+    let dead_redis = format!("redis://127.0.0.1:{}", free_port());
+    let service = Service::bundled_with_env(&[("UMA_REDIS__URL", dead_redis.as_str())]);
+    let echo = Echo::start();
+    for (name, start) in GATEWAYS {
+        let gateway = start(service.addr, echo.addr);
+        let r = gateway.call("GET", "/midm-base/chat", &[("apikey", "only-in-redis")], "");
+        assert_eq!(r.status, 503, "{name}: {r:?}");
+        assert_eq!(r.header("retry-after"), Some("1"), "{name}");
+        assert_eq!(r.json()["message"], "Metadata store unavailable", "{name}");
+        // Seed keys are still served.
+        assert_eq!(
+            gateway
+                .call("GET", "/midm-base/chat", &[("apikey", USER1_KEY)], "")
+                .status,
+            200,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn nginx_fails_closed_when_the_service_is_unreachable() {
+    let echo = Echo::start();
+    let nowhere = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let gateway = Gateway::nginx(nowhere, echo.addr);
+    let r = gateway.call("GET", "/midm-base/chat", &[("apikey", USER1_KEY)], "");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(!r.body.contains("\"uri\""));
+}
+
+#[test]
+fn nginx_turns_a_429_from_the_auth_service_into_a_429() {
+    // The service has no quotas yet; a stand-in auth server answering 429 checks the nginx config's
+    // mapping, which is the same branch that rebuilds the service's 503 (tested above for real).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let limiter = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                use std::io::{BufRead, Write};
+                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                let mut stream = stream;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        let body = r#"{"message":"API rate limit exceeded"}"#;
+                        let answer = format!(
+                            "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 42\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if stream.write_all(answer.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let echo = Echo::start();
+    let gateway = Gateway::nginx(limiter, echo.addr);
+    let r = gateway.call("GET", "/midm-base/chat", &[("apikey", USER1_KEY)], "");
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(r.header("retry-after"), Some("42"));
+}
+
+#[test]
+fn connections_to_the_service_are_reused() {
+    let service = Service::bundled();
+    let echo = Echo::start();
+    for (name, start) in GATEWAYS {
+        let gateway = start(service.addr, echo.addr);
+        let before = connections_accepted(&service);
+        for _ in 0..60 {
+            assert_eq!(
+                gateway
+                    .call("GET", "/midm-base/chat", &[("apikey", USER1_KEY)], "")
+                    .status,
+                200,
+                "{name}"
+            );
+        }
+        // Each /metrics read is a connection of its own (the raw client closes it).
+        let opened = connections_accepted(&service) - before - 1.0;
+        assert!(
+            opened <= 4.0,
+            "{name}: {opened} new connections for 60 calls"
+        );
+    }
+}
+
+#[test]
+fn the_services_own_endpoints_are_proxied_by_nginx() {
+    let service = Service::bundled();
+    let echo = Echo::start();
+    let gateway = Gateway::nginx(service.addr, echo.addr);
+    let r = gateway.call("GET", "/api/user-metadata", &[("apikey", USER1_KEY)], "");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()[0]["id"], "kt-midm-base");
+    let r = gateway.call("GET", "/api/tdl-matrix", &[("apikey", USER1_KEY)], "");
+    assert_eq!(r.json()["timezone"], "UTC");
+}

@@ -12,7 +12,7 @@ declare -A packages=(
     [redis-server]=redis-server [redis-cli]=redis-tools
     [nginx]=nginx [caddy]=caddy
     [prometheus]=prometheus [promtool]=prometheus
-    [luac5.1]=lua5.1
+    [luac5.1]=lua5.1 [curl]=curl
 )
 missing=()
 for binary in "${!packages[@]}"; do

@@ -128,6 +128,26 @@ const ENDPOINTS: [Endpoint; 4] = [
 fn describe_service_metrics() {
     use metrics::{describe_counter, describe_gauge};
     describe_counter!(
+        "uma_http_connections_total",
+        "TCP connections accepted (low when gateways keep them alive)"
+    );
+    describe_gauge!(
+        "uma_build_info",
+        "Always 1; the version label says which build runs"
+    );
+    describe_gauge!("uma_consumers_loaded", "Consumers in the loaded seed");
+    describe_gauge!("uma_keys_loaded", "API keys in the loaded seed");
+    describe_gauge!(
+        "uma_metadata_entries_loaded",
+        "Metadata entries in the consumers' and the global lists of the seed"
+    );
+    describe_gauge!("uma_seed_routes_loaded", "Routes in the loaded seed");
+    describe_gauge!("uma_config_routes_loaded", "Routes in the config file");
+    describe_gauge!(
+        "uma_redis_configured",
+        "1 when redis.url is set, 0 in embedded mode"
+    );
+    describe_counter!(
         "uma_tdl_increments_total",
         "Allowed calls counted in TDL counters"
     );
@@ -157,6 +177,7 @@ fn describe_service_metrics() {
     counter!("uma_redis_corrupt_records_total").increment(0);
     gauge!("uma_tdl_pending_increments").set(0.0);
     gauge!("uma_redis_up").set(0.0);
+    counter!("uma_http_connections_total").increment(0);
 }
 
 /// Pre-registered handles.

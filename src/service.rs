@@ -79,6 +79,7 @@ pub fn build_app(
             .map(Arc::new)
     });
     let store = store.flatten();
+    ::metrics::gauge!("uma_redis_configured").set(if store.is_some() { 1.0 } else { 0.0 });
     let counters = Arc::new(TdlCounters::new(
         loaded.timezone.clone(),
         clock,

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod core;
 pub mod http;
+pub mod latency;
 pub mod logging;
 pub mod lookup;
 pub mod metrics;

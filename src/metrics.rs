@@ -2,23 +2,18 @@
 //!
 //! Looking a metric up by name and labels on every request costs a hash and a lock; the handles
 //! here are resolved at start, so the hot path only bumps atomics. The latency histogram has explicit
-//! buckets (summaries cannot be aggregated across replicas), and upkeep runs periodically so
-//! histogram samples never pile up.
+//! buckets (summaries cannot be aggregated across replicas) and is kept in atomics (`latency`),
+//! appended to the exporter's output.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{Counter, Histogram, counter, gauge, histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics::{Counter, counter, gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::core::Deny;
 use crate::core::decide::Catalog;
-
-/// Seconds; from 25 µs (a warm `/auth`) to 1 s.
-const LATENCY_BUCKETS: [f64; 14] = [
-    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    1.0,
-];
+use crate::latency::LatencyHistogram;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -26,26 +21,16 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Full("uma_request_duration_seconds".into()),
-                    &LATENCY_BUCKETS,
-                )
-                .map(PrometheusBuilder::build_recorder);
-            match recorder {
-                Ok(recorder) => {
-                    let handle = recorder.handle();
-                    // Fails only if another recorder was installed first; ours is then unused.
-                    let _ = metrics::set_global_recorder(recorder);
-                    handle
-                }
-                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
-            }
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was installed first; ours is then unused.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
         })
         .clone()
 }
 
-/// Keeps histogram storage bounded; call from a runtime.
+/// Periodic exporter upkeep (idle-metric bookkeeping); call from a runtime.
 pub fn spawn_upkeep(handle: PrometheusHandle) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -184,7 +169,7 @@ fn describe_service_metrics() {
 pub struct Metrics {
     handle: PrometheusHandle,
     requests: [[Counter; 7]; 4],
-    latency: [Histogram; 4],
+    latency: [LatencyHistogram; 4],
 }
 
 impl Metrics {
@@ -204,16 +189,10 @@ impl Metrics {
                 }
             })
         });
-        let latency =
-            ENDPOINTS.map(|e| histogram!("uma_request_duration_seconds", "endpoint" => e.label()));
+        let latency = Default::default();
         metrics::describe_counter!(
             "uma_requests_total",
             "Requests answered, by endpoint and decision"
-        );
-        metrics::describe_histogram!(
-            "uma_request_duration_seconds",
-            metrics::Unit::Seconds,
-            "Time from request head to answer, by endpoint"
         );
         describe_service_metrics();
         gauge!("uma_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -227,7 +206,7 @@ impl Metrics {
     pub fn observe(&self, endpoint: Endpoint, outcome: Outcome, elapsed: Duration) {
         let e = ENDPOINTS.iter().position(|x| *x == endpoint).unwrap_or(3);
         self.requests[e][outcome.index()].increment(1);
-        self.latency[e].record(elapsed.as_secs_f64());
+        self.latency[e].observe(elapsed);
     }
 
     /// Sets the gauges that describe the loaded seed and config.
@@ -240,6 +219,19 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        self.handle.render()
+        let mut out = self.handle.render();
+        let name = "uma_request_duration_seconds";
+        out.push_str(
+            "# HELP uma_request_duration_seconds Time from request head to answer, by endpoint\n",
+        );
+        out.push_str("# TYPE uma_request_duration_seconds histogram\n");
+        for (endpoint, histogram) in ENDPOINTS.iter().zip(&self.latency) {
+            histogram.render(
+                &mut out,
+                name,
+                &format!("endpoint=\"{}\"", endpoint.label()),
+            );
+        }
+        out
     }
 }

@@ -10,7 +10,7 @@
 //! applied twice. Batches are written strictly one after another, which is what makes "new" a
 //! simple comparison.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,9 +71,24 @@ struct State {
     in_flight: Option<Arc<Batch>>,
     next_seq: u64,
     newest_date: Option<Date>,
+    /// The stamp of the last UTC minute seen: a slot and a date never change within a minute
+    /// (zone offsets are whole minutes), so the time-zone conversion runs once a minute.
+    stamp_cache: Option<(i64, SlotStamp)>,
 }
 
 impl State {
+    fn stamp_at(&mut self, now: jiff::Timestamp, zone: &TimeZone) -> SlotStamp {
+        let minute = now.as_second().div_euclid(60);
+        match self.stamp_cache {
+            Some((cached, stamp)) if cached == minute => stamp,
+            _ => {
+                let stamp = SlotStamp::at(now, zone);
+                self.stamp_cache = Some((minute, stamp));
+                stamp
+            }
+        }
+    }
+
     fn buffered_keys(&self) -> usize {
         self.pending.len() + self.in_flight.as_ref().map_or(0, |b| b.counts.len())
     }
@@ -158,24 +173,28 @@ impl TdlCounters {
     /// Counts one allowed call, now. In sync mode with Redis up, returns a receiver that completes
     /// when the increment is in Redis (or closes when it cannot get there soon; then it is buffered).
     pub fn record(&self, consumer: &Arc<str>, entry: &Arc<str>) -> Option<oneshot::Receiver<()>> {
-        let stamp = self.now();
+        let now = self.clock.now();
+        let mut state = self.lock();
+        let stamp = state.stamp_at(now, &self.zone);
         let key = CounterKey {
             consumer: consumer.clone(),
             entry: entry.clone(),
             date: stamp.date,
         };
-        let mut state = self.lock();
         if self.sink.is_none() && state.newest_date.is_none_or(|d| d < stamp.date) {
             state.newest_date = Some(stamp.date);
             self.prune(&mut state, stamp.date);
         }
-        let is_new = !state.pending.contains_key(&key);
-        if is_new && state.buffered_keys() >= self.max_pending_keys {
+        let slot = usize::from(stamp.slot) - 1;
+        if let Some(day) = state.pending.get_mut(&key) {
+            day[slot] += 1;
+        } else if state.buffered_keys() < self.max_pending_keys {
+            state.pending.entry(key).or_default()[slot] += 1;
+        } else {
             drop(state);
             self.dropped.increment(1);
             return None;
         }
-        state.pending.entry(key).or_default()[usize::from(stamp.slot) - 1] += 1;
         self.increments.increment(1);
         let sink = self.sink.as_ref()?;
         if sink.mode != TdlMode::Sync || !sink.store.is_up() {
@@ -373,7 +392,7 @@ fn add_all(total: &mut Vec<(String, DayUsage)>, more: Vec<(String, DayUsage)>) {
 
 /// Groups a batch by consumer: one script call (and one Cluster slot) each.
 fn consumer_batches(counts: &HashMap<CounterKey, DayUsage>) -> Vec<ConsumerBatch> {
-    let mut by_consumer: HashMap<Arc<str>, Vec<CounterDelta>> = HashMap::new();
+    let mut by_consumer: HashMap<Arc<str>, Vec<CounterDelta>> = HashMap::default();
     for (key, slots) in counts {
         by_consumer
             .entry(key.consumer.clone())
@@ -516,7 +535,7 @@ mod tests {
 
     #[test]
     fn batches_group_by_consumer() {
-        let mut counts = HashMap::new();
+        let mut counts = HashMap::default();
         let d = jiff::civil::date(2026, 11, 1);
         for (c, e) in [("u1", "a"), ("u1", "b"), ("u2", "a")] {
             counts.insert(

@@ -4,7 +4,7 @@
 //! what request parsing did. The HTTP adapter turns the result into an answer; the counters adapter
 //! counts it.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
 use super::key::KeyHash;

@@ -8,7 +8,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::HeaderValue;
+use http::header::CACHE_CONTROL;
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::format::{Number, ascii_json_string_array, write_ascii_json_string, write_number_array};
 
@@ -52,6 +53,9 @@ pub struct Entry {
     pub id: Arc<str>,
     /// Values of the first nine headers of [`METADATA_HEADER_NAMES`].
     headers: [HeaderValue; 9],
+    /// Those nine plus `Cache-Control: no-store`, ready to be cloned into an allow answer: a clone
+    /// copies two arrays, where building the map would hash and insert every name again.
+    answer_headers: HeaderMap,
     /// `{"T1":[..],..,"T12":[..]}`, shared by the header and `/api/tdl-matrix`.
     tdl_json: Bytes,
     /// The entry as a JSON object, for `/api/user-metadata`.
@@ -116,11 +120,18 @@ impl Entry {
         let json = entry_json(&fields, &tdl_json, &headers[1]);
         Ok(Entry {
             id: Arc::from(fields.id.as_str()),
+            answer_headers: answer_headers(&headers),
             fields,
             headers,
             tdl_json,
             json,
         })
+    }
+
+    /// `Cache-Control` and the nine entry headers of an allow answer; the identity headers of the
+    /// consumer are added per answer (room for them is reserved).
+    pub fn answer_headers(&self) -> &HeaderMap {
+        &self.answer_headers
     }
 
     pub fn headers(&self) -> &[HeaderValue; 9] {
@@ -140,6 +151,28 @@ impl Entry {
     pub fn json(&self) -> &str {
         &self.json
     }
+}
+
+fn with_identity(entry_headers: &HeaderMap, identity: &[HeaderValue; 3]) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(16);
+    map.extend(
+        entry_headers
+            .iter()
+            .map(|(name, value)| (name.clone(), value.clone())),
+    );
+    for (name, value) in METADATA_HEADER_NAMES[9..].iter().zip(identity) {
+        map.insert(HeaderName::from_static(name), value.clone());
+    }
+    map
+}
+
+fn answer_headers(values: &[HeaderValue; 9]) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(16);
+    map.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    for (name, value) in METADATA_HEADER_NAMES.iter().zip(values) {
+        map.insert(HeaderName::from_static(name), value.clone());
+    }
+    map
 }
 
 fn tdl_matrix_json(matrix: &[Vec<Number>; SLOTS]) -> String {
@@ -225,6 +258,9 @@ pub struct Consumer {
     pub metadata: Option<Arc<MetadataList>>,
     /// Values of the last three headers of [`METADATA_HEADER_NAMES`].
     identity: [HeaderValue; 3],
+    /// The complete allow-answer headers for each entry of the consumer's own list (the usual
+    /// case), so such an answer is one map clone.
+    own_answers: Vec<HeaderMap>,
 }
 
 impl Consumer {
@@ -242,13 +278,32 @@ impl Consumer {
             )?,
             header_value(METADATA_HEADER_NAMES[11], groups.join(", "))?,
         ];
+        let own_answers = metadata
+            .iter()
+            .flat_map(|list| list.entries())
+            .map(|entry| with_identity(entry.answer_headers(), &identity))
+            .collect();
         Ok(Consumer {
             username: Arc::from(username),
             custom_id,
             groups,
             metadata,
             identity,
+            own_answers,
         })
+    }
+
+    /// `Cache-Control` and all twelve headers of an allow answer giving `entry` to this consumer.
+    pub fn answer_headers(&self, entry: &Arc<Entry>) -> HeaderMap {
+        let own = self
+            .metadata
+            .as_ref()
+            .and_then(|l| l.entries().iter().position(|e| Arc::ptr_eq(e, entry)));
+        match own.and_then(|i| self.own_answers.get(i)) {
+            Some(headers) => headers.clone(),
+            // An entry of a route or the global list: joined per answer.
+            None => with_identity(entry.answer_headers(), &self.identity),
+        }
     }
 
     pub fn identity_headers(&self) -> &[HeaderValue; 3] {

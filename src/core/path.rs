@@ -22,8 +22,14 @@ pub fn normalize(path: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// One pass over the bytes: no `%`, and no `/` followed by `/` or `.`.
 fn is_canonical(path: &str) -> bool {
-    path.starts_with('/') && !path.contains('%') && !path.contains("//") && !path.contains("/.")
+    let bytes = path.as_bytes();
+    bytes.first() == Some(&b'/')
+        && !bytes.contains(&b'%')
+        && !bytes
+            .windows(2)
+            .any(|w| w[0] == b'/' && matches!(w[1], b'/' | b'.'))
 }
 
 pub(crate) fn hex_value(b: u8) -> Option<u8> {

@@ -6,7 +6,7 @@
 
 use std::borrow::Cow;
 
-use http::{HeaderMap, Method, Uri};
+use http::{HeaderMap, HeaderValue, Method, Uri};
 
 use super::path::{hex_value, normalize};
 
@@ -39,16 +39,23 @@ pub struct AuthQuery<'a> {
 
 /// Reads an `/auth` or `/auth/...` request.
 pub fn parse_auth<'a>(uri: &'a Uri, method: &'a Method, headers: &'a HeaderMap) -> AuthQuery<'a> {
+    let head = HeadFields::scan(headers);
     let rest = uri.path().strip_prefix("/auth").unwrap_or("");
     let (raw_path, query) = if rest.starts_with('/') {
         (rest, uri.query())
     } else {
-        forwarded_uri(headers).map(split_uri).unwrap_or(("/", None))
+        text(head.forwarded_uri)
+            .or_else(|| text(head.original_uri))
+            .map(split_uri)
+            .unwrap_or(("/", None))
     };
+    let method = text(head.forwarded_method)
+        .or_else(|| text(head.original_method))
+        .unwrap_or(method.as_str());
     let original = OriginalRequest {
         path: normalize(raw_path),
         query,
-        method: forwarded_method(headers).unwrap_or(method.as_str()),
+        method,
     };
     // On `/auth/<path>` the query is the client's, so it can never choose the entry.
     let url_id = if rest.is_empty() {
@@ -58,9 +65,9 @@ pub fn parse_auth<'a>(uri: &'a Uri, method: &'a Method, headers: &'a HeaderMap) 
     };
     let requested_id = match url_id {
         QueryParam::One(id) => Some(id),
-        _ => header_text(headers, "x-metadata-id").map(Cow::Borrowed),
+        _ => text(head.metadata_id).map(Cow::Borrowed),
     };
-    let key = find_key(headers, query);
+    let key = find_key(&head, query);
     AuthQuery {
         original,
         key,
@@ -75,7 +82,7 @@ pub fn parse_api<'a>(uri: &'a Uri, method: &'a Method, headers: &'a HeaderMap) -
         query: uri.query(),
         method: method.as_str(),
     };
-    let key = find_key(headers, uri.query());
+    let key = find_key(&HeadFields::scan(headers), uri.query());
     AuthQuery {
         original,
         key,
@@ -83,17 +90,65 @@ pub fn parse_api<'a>(uri: &'a Uri, method: &'a Method, headers: &'a HeaderMap) -
     }
 }
 
-fn forwarded_uri(headers: &HeaderMap) -> Option<&str> {
-    header_text(headers, "x-forwarded-uri").or_else(|| header_text(headers, "x-original-uri"))
+/// How often a key header was given.
+#[derive(Debug, Default, Clone, Copy)]
+enum Seen<'a> {
+    #[default]
+    Absent,
+    Once(&'a HeaderValue),
+    Repeated,
 }
 
-fn forwarded_method(headers: &HeaderMap) -> Option<&str> {
-    header_text(headers, "x-forwarded-method").or_else(|| header_text(headers, "x-original-method"))
+impl<'a> Seen<'a> {
+    fn add(&mut self, value: &'a HeaderValue) {
+        *self = match self {
+            Seen::Absent => Seen::Once(value),
+            _ => Seen::Repeated,
+        };
+    }
 }
 
-/// The first value of a header, when it is present, text, and not empty.
-fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    let value = headers.get(name)?.to_str().ok()?.trim();
+/// The request headers the decision reads, found in one pass over the head: scanning the few
+/// headers a gateway sends costs less than a hashed lookup for each of eight names.
+#[derive(Debug, Default)]
+struct HeadFields<'a> {
+    apikey: Seen<'a>,
+    x_api_key: Seen<'a>,
+    authorization: Seen<'a>,
+    forwarded_uri: Option<&'a HeaderValue>,
+    original_uri: Option<&'a HeaderValue>,
+    forwarded_method: Option<&'a HeaderValue>,
+    original_method: Option<&'a HeaderValue>,
+    metadata_id: Option<&'a HeaderValue>,
+}
+
+impl<'a> HeadFields<'a> {
+    fn scan(headers: &'a HeaderMap) -> HeadFields<'a> {
+        let mut fields = HeadFields::default();
+        for (name, value) in headers {
+            // The first value of a name counts, as `HeaderMap::get` would give it.
+            let first = |slot: &mut Option<&'a HeaderValue>| {
+                slot.get_or_insert(value);
+            };
+            match name.as_str() {
+                "apikey" => fields.apikey.add(value),
+                "x-api-key" => fields.x_api_key.add(value),
+                "authorization" => fields.authorization.add(value),
+                "x-forwarded-uri" => first(&mut fields.forwarded_uri),
+                "x-original-uri" => first(&mut fields.original_uri),
+                "x-forwarded-method" => first(&mut fields.forwarded_method),
+                "x-original-method" => first(&mut fields.original_method),
+                "x-metadata-id" => first(&mut fields.metadata_id),
+                _ => {}
+            }
+        }
+        fields
+    }
+}
+
+/// A header value as text, when it is text and not empty.
+fn text(value: Option<&HeaderValue>) -> Option<&str> {
+    let value = value?.to_str().ok()?.trim();
     (!value.is_empty()).then_some(value)
 }
 
@@ -111,16 +166,19 @@ fn split_uri(uri: &str) -> (&str, Option<&str>) {
 }
 
 /// SPEC §4 order: `apikey`, `x-api-key`, `Authorization: Bearer`, query `apikey`; first found wins.
-fn find_key<'a>(headers: &'a HeaderMap, original_query: Option<&'a str>) -> KeyPresence<'a> {
-    for name in ["apikey", "x-api-key"] {
-        match header_key(headers, name, Some) {
+fn find_key<'a>(head: &HeadFields<'a>, original_query: Option<&'a str>) -> KeyPresence<'a> {
+    fn whole(value: &str) -> Option<&str> {
+        Some(value)
+    }
+    for (seen, extract) in [
+        (head.apikey, whole as fn(&str) -> Option<&str>),
+        (head.x_api_key, whole),
+        (head.authorization, bearer_token),
+    ] {
+        match header_key(seen, extract) {
             KeyPresence::Missing => {}
             found => return found,
         }
-    }
-    match header_key(headers, "authorization", bearer_token) {
-        KeyPresence::Missing => {}
-        found => return found,
     }
     match query_param(original_query, "apikey") {
         QueryParam::Absent => KeyPresence::Missing,
@@ -129,29 +187,20 @@ fn find_key<'a>(headers: &'a HeaderMap, original_query: Option<&'a str>) -> KeyP
     }
 }
 
-fn header_key<'a>(
-    headers: &'a HeaderMap,
-    name: &str,
-    extract: impl Fn(&'a str) -> Option<&'a str>,
-) -> KeyPresence<'a> {
-    let mut values = headers.get_all(name).iter();
-    let Some(first) = values.next() else {
-        return KeyPresence::Missing;
+fn header_key<'a>(seen: Seen<'a>, extract: fn(&str) -> Option<&str>) -> KeyPresence<'a> {
+    let value = match seen {
+        Seen::Absent => return KeyPresence::Missing,
+        Seen::Repeated => return KeyPresence::Duplicate,
+        Seen::Once(value) => value,
     };
-    if values.next().is_some() {
-        return KeyPresence::Duplicate;
-    }
     // A key with non-ASCII bytes cannot match a stored key; it is still looked up (and fails) rather
     // than ignored, so it gets "invalid credentials" and not "no key".
-    let text = match std::str::from_utf8(first.as_bytes()) {
-        Ok(text) => text.trim(),
-        Err(_) => {
-            return KeyPresence::Found(Cow::Owned(
-                String::from_utf8_lossy(first.as_bytes()).into_owned(),
-            ));
-        }
+    let Ok(text) = std::str::from_utf8(value.as_bytes()) else {
+        return KeyPresence::Found(Cow::Owned(
+            String::from_utf8_lossy(value.as_bytes()).into_owned(),
+        ));
     };
-    match extract(text) {
+    match extract(text.trim()) {
         Some(key) if !key.is_empty() => KeyPresence::Found(Cow::Borrowed(key)),
         _ => KeyPresence::Missing,
     }

@@ -1,14 +1,18 @@
 //! Routes and ACLs: which seed route and which config route an original request falls under.
 //!
 //! The two sets are matched independently (SPEC §5), each by the longest whole-segment prefix.
-//! Lookup walks the request path's ancestors (`/a/b/c`, `/a/b`, `/a`, root) through a hash map, so it
+//! A small table (the usual few routes) is scanned longest prefix first; a large one is looked up by
+//! walking the request path's ancestors (`/a/b/c`, `/a/b`, `/a`, root) through a hash map, so it
 //! costs the path's depth, not the number of routes.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
 use super::model::{Consumer, MetadataList};
-use super::path::{ancestors, prefix_key};
+use super::path::{ancestors, prefix_key, segment_prefix_matches};
+
+/// Up to this many prefixes a scan beats hashing every ancestor of the path.
+const SCAN_LIMIT: usize = 32;
 
 /// Kong's `acl` plugin: with `allow`, one of the groups is needed; with `deny`, none may be held.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -65,13 +69,16 @@ impl Route for ConfigRoute {
 pub struct RouteTable<R> {
     routes: Vec<Arc<R>>,
     by_prefix: HashMap<String, Vec<usize>>,
+    /// The same prefixes, longest first.
+    longest_first: Vec<(String, Vec<usize>)>,
 }
 
 impl<R> Default for RouteTable<R> {
     fn default() -> Self {
         RouteTable {
             routes: Vec::new(),
-            by_prefix: HashMap::new(),
+            by_prefix: HashMap::default(),
+            longest_first: Vec::new(),
         }
     }
 }
@@ -87,6 +94,13 @@ impl<R: Route> RouteTable<R> {
                 slots.push(index);
             }
         }
+        self.longest_first = self
+            .by_prefix
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        self.longest_first
+            .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
     }
 
     pub fn len(&self) -> usize {
@@ -107,13 +121,15 @@ impl<R: Route> RouteTable<R> {
     }
 
     fn longest(&self, path: &str, accept: impl Fn(&R) -> bool) -> Option<&R> {
-        ancestors(path).find_map(|key| {
-            self.by_prefix
-                .get(key)?
+        let pick = |slots: &Vec<usize>| slots.iter().map(|&i| &*self.routes[i]).find(|r| accept(r));
+        if self.longest_first.len() <= SCAN_LIMIT {
+            return self
+                .longest_first
                 .iter()
-                .map(|&i| &*self.routes[i])
-                .find(|r| accept(r))
-        })
+                .filter(|(key, _)| segment_prefix_matches(key, path))
+                .find_map(|(_, slots)| pick(slots));
+        }
+        ancestors(path).find_map(|key| pick(self.by_prefix.get(key)?))
     }
 }
 
@@ -158,6 +174,23 @@ mod tests {
         let mut t = RouteTable::default();
         t.insert(seed_route("midm", &["POST"]), &["/midm-base/chat".into()]);
         assert_eq!(t.find("/midm-base/chat", "GET").unwrap().name, "midm");
+    }
+
+    #[test]
+    fn large_tables_match_like_small_ones() {
+        let mut t = table();
+        for i in 0..SCAN_LIMIT {
+            t.insert(
+                seed_route(&format!("filler-{i}"), &[]),
+                &[format!("/filler/{i}")],
+            );
+        }
+        assert!(t.longest_first.len() > SCAN_LIMIT);
+        assert_eq!(t.find("/gpt4o/chat/x", "POST").unwrap().name, "chat");
+        assert_eq!(t.find("/gpt4o/chat", "GET").unwrap().name, "get-chat");
+        assert_eq!(t.find("/gpt4o/chatter", "POST").unwrap().name, "gpt4o");
+        assert_eq!(t.find("/filler/7/x", "PUT").unwrap().name, "filler-7");
+        assert!(t.find("/gpt4", "POST").is_none());
     }
 
     #[test]

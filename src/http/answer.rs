@@ -3,9 +3,11 @@
 //! Every answer carries `Cache-Control: no-store`. Deny bodies and their headers are static; an allow
 //! answer clones twelve precomputed header values.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
-use http::{HeaderName, HeaderValue, Response, StatusCode};
+use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::core::{Consumer, Deny, Entry};
@@ -16,36 +18,10 @@ const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 const KEY_REALM: HeaderValue = HeaderValue::from_static("Key realm=\"user-metadata-auth\"");
 
-const ENTRY_HEADERS: [HeaderName; 9] = [
-    HeaderName::from_static("x-user-tdl-matrix"),
-    HeaderName::from_static("x-user-capabilities"),
-    HeaderName::from_static("x-consumer-id"),
-    HeaderName::from_static("x-user-max-input-tokens"),
-    HeaderName::from_static("x-user-max-output-tokens"),
-    HeaderName::from_static("x-user-input-cost"),
-    HeaderName::from_static("x-user-output-cost"),
-    HeaderName::from_static("x-user-provider"),
-    HeaderName::from_static("x-user-tags"),
-];
-
-const IDENTITY_HEADERS: [HeaderName; 3] = [
-    HeaderName::from_static("x-consumer-username"),
-    HeaderName::from_static("x-consumer-custom-id"),
-    HeaderName::from_static("x-consumer-groups"),
-];
-
 /// 200 with the twelve metadata headers and an empty body (keeps nginx and Caddy connections alive).
-pub fn allow(consumer: &Consumer, entry: &Entry) -> Response<Body> {
+pub fn allow(consumer: &Consumer, entry: &Arc<Entry>) -> Response<Body> {
     let mut response = Response::new(Body::default());
-    let headers = response.headers_mut();
-    headers.reserve(13);
-    headers.insert(CACHE_CONTROL, NO_STORE);
-    for (name, value) in ENTRY_HEADERS.iter().zip(entry.headers()) {
-        headers.insert(name.clone(), value.clone());
-    }
-    for (name, value) in IDENTITY_HEADERS.iter().zip(consumer.identity_headers()) {
-        headers.insert(name.clone(), value.clone());
-    }
+    *response.headers_mut() = consumer.answer_headers(entry);
     response
 }
 

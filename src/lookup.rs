@@ -9,6 +9,7 @@
 //! TTL is a seed copy, honoured only for keys and consumers the running seed still has (so deleting
 //! a key from the seed revokes it on restart). A seed hit that Redis lacks is written back (SETEX).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,10 +21,11 @@ use crate::core::{Consumer, KeyHash};
 use crate::seed::record;
 use crate::store::{Record, RedisStore, StoreError, keys};
 
-/// What a key resolves to.
+/// What a key resolves to. A seed consumer is lent from the catalog, not cloned: its reference
+/// count is shared by every request and would bounce between cores.
 #[derive(Debug, Clone)]
-pub enum Resolution {
-    Consumer(Arc<Consumer>),
+pub enum Resolution<'c> {
+    Consumer(Cow<'c, Arc<Consumer>>),
     Unknown,
     /// Redis cannot be asked and no local source knows the key.
     Unavailable,
@@ -35,12 +37,12 @@ struct Cached {
     fresh_until: Instant,
 }
 
-impl From<&Cached> for Resolution {
-    fn from(cached: &Cached) -> Resolution {
-        cached
-            .consumer
-            .clone()
-            .map_or(Resolution::Unknown, Resolution::Consumer)
+impl From<&Cached> for Resolution<'_> {
+    fn from(cached: &Cached) -> Self {
+        match &cached.consumer {
+            Some(consumer) => Resolution::Consumer(Cow::Owned(consumer.clone())),
+            None => Resolution::Unknown,
+        }
     }
 }
 
@@ -74,14 +76,13 @@ impl Resolver {
         }
     }
 
-    pub async fn resolve(&self, catalog: &Catalog, key: KeyHash) -> Resolution {
+    pub async fn resolve<'c>(&self, catalog: &'c Catalog, key: KeyHash) -> Resolution<'c> {
         let Some(store) = &self.store else {
             // Embedded mode: the seed is the only source, already in memory.
-            return catalog
-                .by_key
-                .get(&key)
-                .cloned()
-                .map_or(Resolution::Unknown, Resolution::Consumer);
+            return match catalog.by_key.get(&key) {
+                Some(consumer) => Resolution::Consumer(Cow::Borrowed(consumer)),
+                None => Resolution::Unknown,
+            };
         };
         let now = Instant::now();
         let cached = self.cache.get(&key).await;
@@ -107,7 +108,7 @@ impl Resolver {
         // Redis cannot be asked: the last answer it gave, else the seed, else we cannot decide.
         match (cached, catalog.by_key.get(&key)) {
             (Some(c), _) => (&c).into(),
-            (None, Some(seed)) => Resolution::Consumer(seed.clone()),
+            (None, Some(seed)) => Resolution::Consumer(Cow::Borrowed(seed)),
             (None, None) => Resolution::Unavailable,
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod decide;
 pub mod format;
+pub mod intern;
 pub mod key;
 pub mod model;
 pub mod path;

@@ -12,6 +12,7 @@ use http::header::CACHE_CONTROL;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::format::{Number, ascii_json_string_array, write_ascii_json_string, write_number_array};
+use super::intern::intern;
 
 /// The twelve header names of an allowed answer, in the order the SPEC lists them.
 pub const METADATA_HEADER_NAMES: [&str; 12] = [
@@ -76,7 +77,8 @@ fn header_value(
     if !bytes.iter().all(|b| (0x20..0x7f).contains(b)) {
         return Err(InvalidHeader { header });
     }
-    HeaderValue::from_maybe_shared(bytes).map_err(|_| InvalidHeader { header })
+    HeaderValue::from_maybe_shared(Bytes::from_static(intern(&bytes)))
+        .map_err(|_| InvalidHeader { header })
 }
 
 impl Entry {

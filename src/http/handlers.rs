@@ -5,6 +5,7 @@
 //! A decision awaits nothing on the hot path: the key is usually answered from the in-process cache,
 //! and only `sync` counting waits for Redis (bounded by the command timeout).
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,11 +72,11 @@ impl App {
     }
 
     /// The consumer a request's key belongs to, or why there is none.
-    async fn consumer(
+    async fn consumer<'c>(
         &self,
-        catalog: &Catalog,
+        catalog: &'c Catalog,
         query: &AuthQuery<'_>,
-    ) -> Result<Arc<Consumer>, Deny> {
+    ) -> Result<Cow<'c, Arc<Consumer>>, Deny> {
         let key = presented_key(&query.key)?;
         match self.resolver.resolve(catalog, key).await {
             Resolution::Consumer(consumer) => Ok(consumer),
@@ -86,27 +87,24 @@ impl App {
 
     async fn auth(&self, request: &Parts) -> (Outcome, Response<Body>) {
         let query = parse_auth(&request.uri, &request.method, &request.headers);
-        let catalog = self.catalog.load_full();
-        let decision = match self.consumer(&catalog, &query).await {
-            Ok(consumer) => authorize(&catalog.policy, &consumer, &query)
-                .map(|entry| (consumer.clone(), entry.clone())),
-            Err(reason) => Err(reason),
+        // A guard, not a clone: bumping the shared reference count on every request would bounce
+        // its cache line between the worker threads.
+        let catalog = self.catalog.load();
+        let consumer = match self.consumer(&catalog, &query).await {
+            Ok(consumer) => consumer,
+            Err(reason) => return denied(reason, &query),
         };
-        match decision {
-            Ok((consumer, entry)) => {
-                if let Some(stored) = self.counters.record(&consumer.username, &entry.id) {
-                    // Sync mode: answer once Redis has the increment, or when it cannot have it soon
-                    // (then it stays buffered and the call is still allowed).
-                    let _ = tokio::time::timeout(self.sync_wait, stored).await;
-                }
-                tracing::debug!(consumer = %consumer.username, entry = %entry.id, path = %query.original.path, "allow");
-                (Outcome::Allow, answer::allow(&consumer, &entry))
-            }
-            Err(reason) => {
-                tracing::debug!(?reason, path = %query.original.path, "deny");
-                (Outcome::Denied(reason), answer::deny(reason))
-            }
+        let entry = match authorize(&catalog.policy, &consumer, &query) {
+            Ok(entry) => entry,
+            Err(reason) => return denied(reason, &query),
+        };
+        if let Some(stored) = self.counters.record(&consumer.username, &entry.id) {
+            // Sync mode: answer once Redis has the increment, or when it cannot have it soon
+            // (then it stays buffered and the call is still allowed).
+            let _ = tokio::time::timeout(self.sync_wait, stored).await;
         }
+        tracing::debug!(consumer = %consumer.username, entry = %entry.id, path = %query.original.path, "allow");
+        (Outcome::Allow, answer::allow(&consumer, entry))
     }
 
     async fn api(
@@ -213,6 +211,11 @@ impl App {
         };
         answer::json(status, body)
     }
+}
+
+fn denied(reason: Deny, query: &AuthQuery) -> (Outcome, Response<Body>) {
+    tracing::debug!(?reason, path = %query.original.path, "deny");
+    (Outcome::Denied(reason), answer::deny(reason))
 }
 
 fn probe(

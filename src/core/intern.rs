@@ -1,0 +1,38 @@
+//! Header values kept for the life of the process, one copy per distinct value.
+//!
+//! Every allow answer clones its twelve header values. A value backed by shared heap bytes is
+//! reference-counted, and with two worker threads answering for the same consumer that count is one
+//! cache line bouncing between cores, twenty-six times an answer. A `'static` value clones without
+//! touching memory. Values are interned so a value loaded again (a Redis record re-read every few
+//! seconds, a seed reload) reuses its copy: memory grows only with values never seen before.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+
+/// The `'static` copy of `bytes`, made on first sight.
+pub fn intern(bytes: &[u8]) -> &'static [u8] {
+    static POOL: OnceLock<Mutex<HashSet<&'static [u8]>>> = OnceLock::new();
+    let mut pool = POOL
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(existing) = pool.get(bytes) {
+        return existing;
+    }
+    let copy: &'static [u8] = Box::leak(bytes.to_vec().into_boxed_slice());
+    pool.insert(copy);
+    copy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_copy_per_value() {
+        let a = intern(b"kt-midm-base");
+        let b = intern(&b"kt-midm-base".to_vec());
+        assert!(std::ptr::eq(a, b));
+        assert_eq!(intern(b"other"), b"other");
+    }
+}

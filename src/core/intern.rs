@@ -31,7 +31,8 @@ mod tests {
     #[test]
     fn one_copy_per_value() {
         let a = intern(b"kt-midm-base");
-        let b = intern(&b"kt-midm-base".to_vec());
+        let owned = String::from("kt-midm-base");
+        let b = intern(owned.as_bytes());
         assert!(std::ptr::eq(a, b));
         assert_eq!(intern(b"other"), b"other");
     }

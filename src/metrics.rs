@@ -1,19 +1,18 @@
 //! Prometheus metrics: one process-wide recorder, handles registered once and kept.
 //!
-//! Looking a metric up by name and labels on every request costs a hash and a lock; the handles
-//! here are resolved at start, so the hot path only bumps atomics. The latency histogram has explicit
-//! buckets (summaries cannot be aggregated across replicas) and is kept in atomics (`latency`),
-//! appended to the exporter's output.
+//! The per-request metrics (request counter, latency histogram with explicit buckets — summaries
+//! cannot be aggregated across replicas) live in per-thread shards (`request_stats`) and are
+//! appended to the exporter's output; everything else goes through the `metrics` crate.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{Counter, counter, gauge};
+use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::core::Deny;
 use crate::core::decide::Catalog;
-use crate::latency::LatencyHistogram;
+use crate::request_stats::RequestStats;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -51,6 +50,13 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    fn index(self) -> usize {
+        ENDPOINTS
+            .iter()
+            .position(|e| *e == self)
+            .unwrap_or(ENDPOINTS.len() - 1)
+    }
+
     fn label(self) -> &'static str {
         match self {
             Endpoint::Auth => "auth",
@@ -70,7 +76,7 @@ pub enum Outcome {
     Served,
 }
 
-const OUTCOMES: [Outcome; 7] = [
+const OUTCOMES: [Outcome; crate::request_stats::OUTCOMES] = [
     Outcome::Allow,
     Outcome::Denied(Deny::NoKey),
     Outcome::Denied(Deny::InvalidKey),
@@ -101,7 +107,7 @@ impl Outcome {
     }
 }
 
-const ENDPOINTS: [Endpoint; 4] = [
+const ENDPOINTS: [Endpoint; crate::request_stats::ENDPOINTS] = [
     Endpoint::Auth,
     Endpoint::UserMetadata,
     Endpoint::TdlMatrix,
@@ -168,45 +174,22 @@ fn describe_service_metrics() {
 /// Pre-registered handles.
 pub struct Metrics {
     handle: PrometheusHandle,
-    requests: [[Counter; 7]; 4],
-    latency: [LatencyHistogram; 4],
+    requests: RequestStats,
 }
 
 impl Metrics {
     pub fn new(handle: PrometheusHandle) -> Metrics {
-        // Only combinations that can happen are registered, so `/metrics` shows no dead series.
-        let possible = |e: Endpoint, o: Outcome| match e {
-            Endpoint::Other => o == Outcome::Served,
-            Endpoint::Auth => o != Outcome::Served,
-            Endpoint::UserMetadata | Endpoint::TdlMatrix => true,
-        };
-        let requests = ENDPOINTS.map(|e| {
-            OUTCOMES.map(|o| {
-                if possible(e, o) {
-                    counter!("uma_requests_total", "endpoint" => e.label(), "decision" => o.label())
-                } else {
-                    Counter::noop()
-                }
-            })
-        });
-        let latency = Default::default();
-        metrics::describe_counter!(
-            "uma_requests_total",
-            "Requests answered, by endpoint and decision"
-        );
         describe_service_metrics();
         gauge!("uma_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         Metrics {
             handle,
-            requests,
-            latency,
+            requests: RequestStats::default(),
         }
     }
 
     pub fn observe(&self, endpoint: Endpoint, outcome: Outcome, elapsed: Duration) {
-        let e = ENDPOINTS.iter().position(|x| *x == endpoint).unwrap_or(3);
-        self.requests[e][outcome.index()].increment(1);
-        self.latency[e].observe(elapsed);
+        self.requests
+            .observe(endpoint.index(), outcome.index(), elapsed);
     }
 
     /// Sets the gauges that describe the loaded seed and config.
@@ -220,18 +203,17 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = self.handle.render();
-        let name = "uma_request_duration_seconds";
-        out.push_str(
-            "# HELP uma_request_duration_seconds Time from request head to answer, by endpoint\n",
-        );
-        out.push_str("# TYPE uma_request_duration_seconds histogram\n");
-        for (endpoint, histogram) in ENDPOINTS.iter().zip(&self.latency) {
-            histogram.render(
-                &mut out,
-                name,
-                &format!("endpoint=\"{}\"", endpoint.label()),
-            );
-        }
+        let endpoints = ENDPOINTS.map(Endpoint::label);
+        let outcomes = OUTCOMES.map(Outcome::label);
+        // Only combinations that can happen are shown, so `/metrics` has no dead series.
+        let possible = |e: usize, o: usize| match ENDPOINTS[e] {
+            Endpoint::Other => OUTCOMES[o] == Outcome::Served,
+            Endpoint::Auth => OUTCOMES[o] != Outcome::Served,
+            Endpoint::UserMetadata | Endpoint::TdlMatrix => true,
+        };
+        self.requests
+            .render_requests(&mut out, &endpoints, &outcomes, possible);
+        self.requests.render_latency(&mut out, &endpoints);
         out
     }
 }

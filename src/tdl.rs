@@ -10,7 +10,8 @@
 //! applied twice. Batches are written strictly one after another, which is what makes "new" a
 //! simple comparison.
 
-use rustc_hash::FxHashMap as HashMap;
+use hashbrown::Equivalent;
+use rustc_hash::FxBuildHasher;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,11 +49,28 @@ impl SlotStamp {
 /// Counts per slot of one day.
 pub type DayUsage = [u64; SLOTS];
 
+type HashMap<K, V> = hashbrown::HashMap<K, V, FxBuildHasher>;
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct CounterKey {
     consumer: Arc<str>,
     entry: Arc<str>,
     date: Date,
+}
+
+/// A borrowed [`CounterKey`] (same hash), so counting an existing counter clones nothing: cloning
+/// the `Arc`s would touch reference counts every worker thread shares.
+#[derive(Hash)]
+struct CounterKeyRef<'a> {
+    consumer: &'a str,
+    entry: &'a str,
+    date: Date,
+}
+
+impl Equivalent<CounterKey> for CounterKeyRef<'_> {
+    fn equivalent(&self, key: &CounterKey) -> bool {
+        self.date == key.date && self.entry == &*key.entry && self.consumer == &*key.consumer
+    }
 }
 
 /// Increments taken out of `pending` to be written as one batch.
@@ -176,9 +194,9 @@ impl TdlCounters {
         let now = self.clock.now();
         let mut state = self.lock();
         let stamp = state.stamp_at(now, &self.zone);
-        let key = CounterKey {
-            consumer: consumer.clone(),
-            entry: entry.clone(),
+        let lookup = CounterKeyRef {
+            consumer,
+            entry,
             date: stamp.date,
         };
         if self.sink.is_none() && state.newest_date.is_none_or(|d| d < stamp.date) {
@@ -186,9 +204,14 @@ impl TdlCounters {
             self.prune(&mut state, stamp.date);
         }
         let slot = usize::from(stamp.slot) - 1;
-        if let Some(day) = state.pending.get_mut(&key) {
+        if let Some(day) = state.pending.get_mut(&lookup) {
             day[slot] += 1;
         } else if state.buffered_keys() < self.max_pending_keys {
+            let key = CounterKey {
+                consumer: consumer.clone(),
+                entry: entry.clone(),
+                date: stamp.date,
+            };
             state.pending.entry(key).or_default()[slot] += 1;
         } else {
             drop(state);

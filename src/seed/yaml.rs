@@ -6,6 +6,7 @@
 //! parsing: it is pure Rust, refuses duplicate mapping keys and gives `Spanned` positions.
 
 use std::fmt;
+use std::marker::PhantomData;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_saphyr::Spanned;
@@ -61,15 +62,31 @@ pub struct SyntaxError {
     pub message: String,
 }
 
-/// Parses one YAML document into a [`Node`] tree.
+/// Parses one YAML document into a [`Node`] tree. A document that is JSON (Kong's declarative
+/// format comes as `kong.json` too) takes serde_json's path, many times faster for a large seed;
+/// its nodes carry no line (problems still name the field path).
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
+    if text.trim_start().starts_with('{')
+        && let Ok(Plain(node)) = serde_json::from_str::<Plain>(text)
+    {
+        return Ok(node);
+    }
     if text.trim().is_empty() {
         return Ok(Node {
             line: 1,
             value: Value::Map(Vec::new()),
         });
     }
-    match serde_saphyr::from_str::<Spanned<Value>>(text) {
+    // The parser's default budget (250,000 nodes) fits configuration files, not a seed of 100,000
+    // consumers; these limits still stop a runaway document.
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_nodes: 50_000_000,
+            max_events: 100_000_000,
+            max_total_scalar_bytes: 1 << 30,
+        },
+    };
+    match serde_saphyr::from_str_with_options::<Spanned<Value>>(text, options) {
         Ok(spanned) => Ok(into_node(spanned)),
         Err(err) => {
             let location = err.location();
@@ -109,13 +126,44 @@ fn into_node(spanned: Spanned<Value>) -> Node {
 
 impl<'de> Deserialize<'de> for Value {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(ValueVisitor)
+        deserializer.deserialize_any(ValueVisitor::<Spanned<Value>>(PhantomData))
     }
 }
 
-struct ValueVisitor;
+/// How a child node is read: with its position (YAML, through serde-saphyr) or without (JSON).
+trait Child<'de>: Deserialize<'de> {
+    /// serde-saphyr already refuses duplicate keys; serde_json would keep the last one silently.
+    const CHECK_DUPLICATE_KEYS: bool;
+    fn into_node(self) -> Node;
+}
 
-impl<'de> Visitor<'de> for ValueVisitor {
+impl<'de> Child<'de> for Spanned<Value> {
+    const CHECK_DUPLICATE_KEYS: bool = false;
+    fn into_node(self) -> Node {
+        into_node(self)
+    }
+}
+
+/// A node read without position (line 0: unknown).
+struct Plain(Node);
+
+impl<'de> Deserialize<'de> for Plain {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = deserializer.deserialize_any(ValueVisitor::<Plain>(PhantomData))?;
+        Ok(Plain(Node { line: 0, value }))
+    }
+}
+
+impl<'de> Child<'de> for Plain {
+    const CHECK_DUPLICATE_KEYS: bool = true;
+    fn into_node(self) -> Node {
+        self.0
+    }
+}
+
+struct ValueVisitor<C>(PhantomData<C>);
+
+impl<'de, C: Child<'de>> Visitor<'de> for ValueVisitor<C> {
     type Value = Value;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -155,13 +203,13 @@ impl<'de> Visitor<'de> for ValueVisitor {
         Ok(Value::Null)
     }
     fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
-        Value::deserialize(d)
+        d.deserialize_any(self)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut items = Vec::new();
-        while let Some(item) = seq.next_element::<Spanned<Value>>()? {
-            items.push(into_node(item));
+        while let Some(item) = seq.next_element::<C>()? {
+            items.push(item.into_node());
         }
         Ok(Value::Seq(items))
     }
@@ -169,8 +217,11 @@ impl<'de> Visitor<'de> for ValueVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut entries = Vec::new();
         while let Some(key) = map.next_key::<KeyText>()? {
-            let value = map.next_value::<Spanned<Value>>()?;
-            entries.push((key.0, into_node(value)));
+            if C::CHECK_DUPLICATE_KEYS && entries.iter().any(|(k, _): &(String, Node)| *k == key.0) {
+                return Err(de::Error::custom(format!("duplicate mapping key: {}", key.0)));
+            }
+            let value = map.next_value::<C>()?;
+            entries.push((key.0, value.into_node()));
         }
         Ok(Value::Map(entries))
     }
@@ -236,6 +287,23 @@ mod tests {
         let err = parse("a: 1\nb: 2\na: 3\n").unwrap_err();
         assert_eq!(err.message, "duplicate mapping key: a");
         assert_eq!(err.line, Some(3));
+    }
+
+    #[test]
+    fn json_documents_parse_without_lines() {
+        let doc = parse(r#"{"a": 1, "b": [0.00000005, "x"], "c": {"d": 12345678901234567890}}"#).unwrap();
+        assert_eq!(doc.get("a").unwrap().value, Value::Int(1));
+        assert_eq!(doc.get("a").unwrap().line, 0);
+        let Value::Seq(items) = &doc.get("b").unwrap().value else { panic!() };
+        assert_eq!(items[0].value, Value::Float(5e-8));
+        assert_eq!(doc.get("c").unwrap().get("d").unwrap().value, Value::Int(12345678901234567890));
+    }
+
+    #[test]
+    fn json_duplicate_keys_are_refused() {
+        // The JSON path refuses the duplicate; the YAML parser then reports it with its line.
+        let err = parse("{\"a\": 1,\n \"a\": 2}").unwrap_err();
+        assert!(err.message.contains("duplicate"), "{err:?}");
     }
 
     #[test]

@@ -25,7 +25,8 @@ fn entry(out: &mut String, indent: &str, id: &str, provider: &str) {
 
 fn json_entry(id: &str, provider: &str) -> serde_json::Value {
     let row = serde_json::json!([0, 0, 0, 0, 0, 3, 0, 0, 0, 0]);
-    let matrix: serde_json::Map<String, serde_json::Value> = (1..=12).map(|t| (format!("T{t}"), row.clone())).collect();
+    let matrix: serde_json::Map<String, serde_json::Value> =
+        (1..=12).map(|t| (format!("T{t}"), row.clone())).collect();
     serde_json::json!({
         "id": id, "provider_name": provider, "tags": [provider, "bench"], "tdl_matrix": matrix,
         "capabilities": [1, 1, 0, 0, 0], "max_input_tokens": 50000, "max_output_tokens": 20000,
@@ -49,9 +50,7 @@ fn json_seed(count: usize) -> String {
             consumer
         })
         .collect();
-    let route = |name: &str, path: &str, group: &str| {
-        serde_json::json!({"name": name, "paths": [path], "plugins": [{"name": "acl", "config": {"allow": [group]}}]})
-    };
+    let route = |name: &str, path: &str, group: &str| serde_json::json!({"name": name, "paths": [path], "plugins": [{"name": "acl", "config": {"allow": [group]}}]});
     serde_json::json!({
         "_format_version": "3.0",
         "consumers": consumers,
@@ -68,17 +67,33 @@ fn main() -> std::io::Result<()> {
     let mut out = String::with_capacity(count * 400);
     out.push_str("_format_version: \"3.0\"\nconsumers:\n");
     for i in 0..count {
-        let group = if i % 2 == 0 { "midm-allowed" } else { "openai-allowed" };
-        let _ = writeln!(out, "  - username: \"bench-consumer-{i}\"\n    custom_id: \"bench-{i}\"");
-        let _ = writeln!(out, "    keyauth_credentials: [{{key: \"bench-key-{i}\"}}]\n    acls: [{{group: \"{group}\"}}]");
+        let group = if i % 2 == 0 {
+            "midm-allowed"
+        } else {
+            "openai-allowed"
+        };
+        let _ = writeln!(
+            out,
+            "  - username: \"bench-consumer-{i}\"\n    custom_id: \"bench-{i}\""
+        );
+        let _ = writeln!(
+            out,
+            "    keyauth_credentials: [{{key: \"bench-key-{i}\"}}]\n    acls: [{{group: \"{group}\"}}]"
+        );
         if i % 10 == 0 {
             out.push_str("    plugins:\n      - name: user-metadata\n        config:\n          metadata_list:\n");
             entry(&mut out, "            ", "kt-midm-base", "kt");
         }
     }
     out.push_str("routes:\n");
-    for (name, path, group) in [("midm", "/midm-base/chat", "midm-allowed"), ("gpt4o", "/gpt4o/chat", "openai-allowed")] {
-        let _ = writeln!(out, "  - name: {name}\n    paths: [{path}]\n    plugins:\n      - name: acl\n        config: {{allow: [{group}]}}");
+    for (name, path, group) in [
+        ("midm", "/midm-base/chat", "midm-allowed"),
+        ("gpt4o", "/gpt4o/chat", "openai-allowed"),
+    ] {
+        let _ = writeln!(
+            out,
+            "  - name: {name}\n    paths: [{path}]\n    plugins:\n      - name: acl\n        config: {{allow: [{group}]}}"
+        );
     }
     out.push_str("plugins:\n  - name: user-metadata\n    config:\n      metadata_list:\n");
     entry(&mut out, "        ", "kt-midm-base", "kt");

@@ -26,12 +26,24 @@ use crate::tdl::TdlCounters;
 pub fn load_catalog(loaded: &Loaded, seed_path: Option<&Path>) -> Result<Catalog, Vec<Problem>> {
     let path = seed_path.unwrap_or(&loaded.settings.seed.path);
     let data = seed::load_file(path)?;
-    Ok(Catalog::new(
+    let catalog = Catalog::new(
         data.consumers,
         data.routes,
         loaded.routes.clone(),
         data.global,
-    ))
+    );
+    release_freed_memory();
+    Ok(catalog)
+}
+
+/// Hands the memory freed after parsing (the seed text and its tree, several times the size of
+/// what is kept) back to the system; glibc would otherwise keep it as resident memory for good.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; it takes no pointers and is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Config routes that pin an id no list of the seed holds: every call on them would be refused.

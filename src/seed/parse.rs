@@ -84,6 +84,9 @@ impl Text {
 struct Ctx {
     file: String,
     problems: Vec<Problem>,
+    /// Entries already built, by content: many consumers of a large seed carry the same entry, and
+    /// one copy (with its prebuilt headers) serves them all.
+    entries: HashMap<String, Arc<Entry>>,
 }
 
 impl Ctx {
@@ -235,6 +238,7 @@ pub fn parse_document(root: &Node, file: &str) -> Result<SeedData, Vec<Problem>>
     let mut ctx = Ctx {
         file: file.to_owned(),
         problems: Vec::new(),
+        entries: HashMap::new(),
     };
     let mut seed = SeedData::default();
     if let Some(top) = ctx.map(root, "") {
@@ -503,7 +507,11 @@ fn metadata_list(ctx: &mut Ctx, list_node: &Node, list_path: &str) -> Option<Arc
                 } else {
                     ids.insert(entry.fields.id.clone(), path);
                 }
-                entries.push(Arc::new(entry));
+                let shared = ctx
+                    .entries
+                    .entry(entry.json().to_owned())
+                    .or_insert_with(|| Arc::new(entry));
+                entries.push(shared.clone());
             }
             None => complete = false,
         }
@@ -654,6 +662,7 @@ pub fn consumer_record(root: &Node, label: &str) -> Result<Consumer, Vec<Problem
     let mut ctx = Ctx {
         file: label.to_owned(),
         problems: Vec::new(),
+        entries: HashMap::new(),
     };
     let consumer = ctx.map(root, "").and_then(|map| {
         ctx.reject_unknown(

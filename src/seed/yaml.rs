@@ -217,8 +217,12 @@ impl<'de, C: Child<'de>> Visitor<'de> for ValueVisitor<C> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut entries = Vec::new();
         while let Some(key) = map.next_key::<KeyText>()? {
-            if C::CHECK_DUPLICATE_KEYS && entries.iter().any(|(k, _): &(String, Node)| *k == key.0) {
-                return Err(de::Error::custom(format!("duplicate mapping key: {}", key.0)));
+            if C::CHECK_DUPLICATE_KEYS && entries.iter().any(|(k, _): &(String, Node)| *k == key.0)
+            {
+                return Err(de::Error::custom(format!(
+                    "duplicate mapping key: {}",
+                    key.0
+                )));
             }
             let value = map.next_value::<C>()?;
             entries.push((key.0, value.into_node()));
@@ -291,12 +295,18 @@ mod tests {
 
     #[test]
     fn json_documents_parse_without_lines() {
-        let doc = parse(r#"{"a": 1, "b": [0.00000005, "x"], "c": {"d": 12345678901234567890}}"#).unwrap();
+        let doc =
+            parse(r#"{"a": 1, "b": [0.00000005, "x"], "c": {"d": 12345678901234567890}}"#).unwrap();
         assert_eq!(doc.get("a").unwrap().value, Value::Int(1));
         assert_eq!(doc.get("a").unwrap().line, 0);
-        let Value::Seq(items) = &doc.get("b").unwrap().value else { panic!() };
+        let Value::Seq(items) = &doc.get("b").unwrap().value else {
+            panic!()
+        };
         assert_eq!(items[0].value, Value::Float(5e-8));
-        assert_eq!(doc.get("c").unwrap().get("d").unwrap().value, Value::Int(12345678901234567890));
+        assert_eq!(
+            doc.get("c").unwrap().get("d").unwrap().value,
+            Value::Int(12345678901234567890)
+        );
     }
 
     #[test]

@@ -1,0 +1,227 @@
+#!/usr/bin/env bash
+# The benchmark suite: every figure of the service next to the ceiling measured in the same run
+# (examples/ceiling.rs: the same hyper stack answering every request 200 with the same twelve
+# headers fixed in memory, no lookup, no counting). Prints one table.
+#
+# Usage: benches/run.sh
+# Environment: DURATION (per wrk run, default 5s), ROUNDS (hot path vs ceiling, alternating, default
+# 3), CONNECTIONS (default 32), SEED_CONSUMERS (scenario 7, default 100000).
+# Needs wrk, redis-server, redis-cli, nginx, curl (installed from Debian's packages when run as root).
+# wrk and the servers share this machine's cores; compare ratios, not absolute numbers.
+set -euo pipefail
+
+DURATION=${DURATION:-5s}
+ROUNDS=${ROUNDS:-3}
+CONNECTIONS=${CONNECTIONS:-32}
+SEED_CONSUMERS=${SEED_CONSUMERS:-100000}
+KEY='user1-secret-key-12345'
+URI='/midm-base/chat'
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+die() {
+    echo "bench: $*" >&2
+    [[ -n ${WORK:-} ]] && tail -n 5 "$WORK"/*.log >&2 2>/dev/null
+    exit 1
+}
+
+# --- tools ------------------------------------------------------------------------------------------
+declare -A package=([wrk]=wrk [redis-server]=redis-server [redis-cli]=redis-tools [nginx]=nginx [curl]=curl)
+missing=()
+for tool in "${!package[@]}"; do command -v "$tool" >/dev/null 2>&1 || missing+=("${package[$tool]}"); done
+if ((${#missing[@]})); then
+    [[ $(id -u) -eq 0 ]] || die "missing: ${missing[*]} (install them, or run as root)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+cargo build --release --locked --bins --examples 2>&1 | tail -1 >&2
+
+# --- processes --------------------------------------------------------------------------------------
+WORK=$(mktemp -d)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    local port
+    while :; do
+        port=$((20000 + RANDOM % 40000))
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
+    done
+}
+
+wait_http() { # URL: until it answers at all, at most 30 s
+    for _ in $(seq 1 1500); do curl -s -o /dev/null --max-time 1 "$1" && return 0; sleep 0.02; done
+    die "nothing answers at $1"
+}
+
+REDIS_PORT=$(free_port)
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK" >/dev/null 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
+REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+
+# start_service NAME [VAR=VALUE ...]: the service with the bundled config; sets PORT_<NAME>.
+start_service() {
+    local name=$1 port
+    shift
+    port=$(free_port)
+    env UMA_LISTEN="127.0.0.1:$port" UMA_LOG__LEVEL=warn "$@" \
+        target/release/user-metadata-auth serve --config config/default.toml >"$WORK/$name.log" 2>&1 &
+    PIDS+=($!)
+    printf -v "PORT_$name" '%s' "$port"
+    printf -v "PID_$name" '%s' "$!"
+    wait_http "http://127.0.0.1:$port/healthz"
+}
+
+CEILING_PORT=$(free_port)
+target/release/examples/ceiling "127.0.0.1:$CEILING_PORT" >"$WORK/ceiling.log" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$CEILING_PORT/"
+
+# wrk_run CONNECTIONS URL [wrk args...] -> "rps p50 p99 requests errors"
+wrk_run() {
+    local connections=$1 url=$2
+    shift 2
+    wrk -t1 -c "$connections" -d "$DURATION" --latency "$@" "$url" | awk '
+        /requests in/ { n = $1 }
+        /^Requests\/sec:/ { rps = $2 }
+        $1 == "50%" { p50 = $2 }
+        $1 == "99%" { p99 = $2 }
+        /Non-2xx or 3xx responses:/ { bad = $5 }
+        /Socket errors/ { bad = bad "+socket" }
+        END { printf "%s %s %s %s %s\n", rps, p50, p99, n, (bad == "" ? 0 : bad) }'
+}
+hot() { wrk_run "${2:-$CONNECTIONS}" "http://127.0.0.1:$1/auth" -H "apikey: $KEY" -H "X-Forwarded-Uri: $URI"; }
+median() { tr ' ' '\n' | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+redis_stat() { redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' | awk -F'[:=,]' -v cmd="$1" '
+    /^cmdstat_/ { name = substr($1, 9); if (cmd == "all" || name == cmd) s += $3 } END { print s + 0 }'; }
+reset_stats() { redis-cli -p "$REDIS_PORT" config resetstat >/dev/null; }
+
+ROWS=()
+row() { ROWS+=("$(printf '%-44s %11s %9s %10s %10s  %s' "$@")"); }
+
+# Check a target answers the benchmark request with the expected entry before measuring it.
+expect_allow() {
+    curl -s -D - -o /dev/null -H "apikey: $KEY" -H "X-Forwarded-Uri: $URI" "http://127.0.0.1:$1/auth" | tr -d '\r' \
+        | grep -qi '^x-consumer-id: kt-midm-base' || die "port $1 does not allow the benchmark request"
+}
+
+# --- 1, 6, 8: hot path, async TDL, against the ceiling -----------------------------------------------
+start_service async UMA_REDIS__URL="$REDIS_URL" UMA_TDL__MODE=async
+expect_allow "$PORT_async"
+expect_allow "$CEILING_PORT"
+hot "$PORT_async" >/dev/null
+hot "$CEILING_PORT" >/dev/null
+service_rps=() ceiling_rps=() async_calls=0
+reset_stats
+for round in $(seq 1 "$ROUNDS"); do
+    read -r rps p50 p99 n bad < <(hot "$PORT_async")
+    [[ $bad == 0 ]] || die "hot path: $bad failed requests"
+    service_rps+=("$rps") service_p50=$p50 service_p99=$p99 async_calls=$((async_calls + n))
+    read -r rps p50 p99 n bad < <(hot "$CEILING_PORT")
+    ceiling_rps+=("$rps") ceiling_p50=$p50 ceiling_p99=$p99
+    echo "round $round: service ${service_rps[-1]} req/s, ceiling ${ceiling_rps[-1]} req/s" >&2
+done
+sleep 1 # the last async flush
+async_cmds=$(redis_stat all) async_evalsha=$(redis_stat evalsha)
+CEILING=$(echo "${ceiling_rps[@]}" | median)
+SERVICE=$(echo "${service_rps[@]}" | median)
+row "ceiling: fixed headers, no work" "$CEILING" 1.00 "$ceiling_p50" "$ceiling_p99" "median of $ROUNDS rounds"
+row "1 hot path: valid key, warm cache, async" "$SERVICE" "$(ratio "$SERVICE" "$CEILING")" "$service_p50" "$service_p99" "median of $ROUNDS rounds, alternating with the ceiling"
+
+# --- 2: sync TDL -----------------------------------------------------------------------------------
+start_service sync UMA_REDIS__URL="$REDIS_URL" UMA_TDL__MODE=sync
+expect_allow "$PORT_sync"
+hot "$PORT_sync" >/dev/null
+reset_stats
+read -r rps p50 p99 sync_calls bad < <(hot "$PORT_sync")
+sync_cmds=$(redis_stat all) sync_evalsha=$(redis_stat evalsha) sync_pings=$(redis_stat ping)
+row "2 sync TDL (increment in Redis before 200)" "$rps" "$(ratio "$rps" "$CEILING")" "$p50" "$p99" ""
+kill "$PID_sync"
+
+# --- 3: cold key path --------------------------------------------------------------------------------
+start_service cold UMA_REDIS__URL="$REDIS_URL" UMA_CACHE__LOCAL_TTL_MS=0
+expect_allow "$PORT_cold"
+reset_stats
+read -r rps p50 p99 cold_calls bad < <(hot "$PORT_cold")
+cold_gets=$(redis_stat get)
+row "3 cold key: cache off, Redis every call" "$rps" "$(ratio "$rps" "$CEILING")" "$p50" "$p99" \
+    "$(awk -v g="$cold_gets" -v n="$cold_calls" 'BEGIN { printf "%.1f GET per call", g / n }')"
+kill "$PID_cold"
+
+# --- 4: unknown keys ---------------------------------------------------------------------------------
+reset_stats
+read -r rps p50 p99 unknown_calls bad < <(KEY_PREFIX=unknown-key- KEY_COUNT=1000 \
+    wrk_run "$CONNECTIONS" "http://127.0.0.1:$PORT_async/auth" -s benches/keys.lua)
+unknown_gets=$(redis_stat get)
+row "4 unknown keys: 1000 keys, negative cache" "$rps" "$(ratio "$rps" "$CEILING")" "$p50" "$p99" \
+    "401s; $(awk -v g="$unknown_gets" -v n="$unknown_calls" 'BEGIN { printf "%.4f GET per call", g / n }')"
+
+# --- 6: latency at 8 connections ---------------------------------------------------------------------
+read -r rps p50 p99 n bad < <(hot "$PORT_async" 8)
+read -r crps cp50 cp99 n bad < <(hot "$CEILING_PORT" 8)
+row "6 latency at 8 connections: service" "$rps" "$(ratio "$rps" "$crps")" "$p50" "$p99" ""
+row "6 latency at 8 connections: ceiling" "$crps" 1.00 "$cp50" "$cp99" ""
+
+# --- 5: nginx auth_request against nginx without auth -------------------------------------------------
+nginx_conf() { # FILE LISTEN_PORT WITH_AUTH
+    sed -e "s/listen 8080;/listen 127.0.0.1:$2;/" -e "s/server 127.0.0.1:8089;/server 127.0.0.1:$PORT_async;/" \
+        -e "s/server 127.0.0.1:9000;/server 127.0.0.1:$CEILING_PORT;/" deploy/nginx/nginx.conf >"$1"
+    [[ $3 == yes ]] || sed -i '/auth_request \/_uma_auth;/d' "$1"
+}
+for variant in auth noauth; do
+    port=$(free_port)
+    mkdir -p "$WORK/nginx-$variant"
+    nginx_conf "$WORK/nginx-$variant/nginx.conf" "$port" "$([[ $variant == auth ]] && echo yes || echo no)"
+    nginx -p "$WORK/nginx-$variant" -c "$WORK/nginx-$variant/nginx.conf" -e "$WORK/nginx-$variant/error.log" \
+        -g "daemon off; pid $WORK/nginx-$variant/nginx.pid;" &
+    PIDS+=($!)
+    wait_http "http://127.0.0.1:$port/"
+    printf -v "NGINX_$variant" '%s' "$port"
+done
+url() { echo "http://127.0.0.1:$1$URI"; }
+wrk_run "$CONNECTIONS" "$(url "$NGINX_auth")" -H "apikey: $KEY" >/dev/null
+read -r arps ap50 ap99 n abad < <(wrk_run "$CONNECTIONS" "$(url "$NGINX_auth")" -H "apikey: $KEY")
+read -r nrps np50 np99 n nbad < <(wrk_run "$CONNECTIONS" "$(url "$NGINX_noauth")" -H "apikey: $KEY")
+[[ $abad == 0 ]] || die "nginx with auth: $abad failed requests"
+row "5 nginx without auth (same upstream)" "$nrps" "" "$np50" "$np99" "upstream: the ceiling server"
+row "5 nginx + auth_request + service" "$arps" "$(ratio "$arps" "$nrps")" "$ap50" "$ap99" "ratio to nginx without auth"
+
+# --- 7: a seed of many consumers ---------------------------------------------------------------------
+target/release/examples/gen_seed "$SEED_CONSUMERS" "$WORK/seed.json" 2>/dev/null
+port=$(free_port)
+started=$(date +%s%N)
+UMA_LISTEN="127.0.0.1:$port" UMA_REDIS__URL='' UMA_SEED__PATH="$WORK/seed.json" UMA_LOG__LEVEL=warn \
+    target/release/user-metadata-auth serve --config config/default.toml >"$WORK/big.log" 2>&1 &
+big_pid=$!
+PIDS+=($big_pid)
+wait_http "http://127.0.0.1:$port/healthz"
+startup=$(awk -v a="$started" -v b="$(date +%s%N)" 'BEGIN { printf "%.2f", (b - a) / 1e9 }')
+read -r rps p50 p99 n bad < <(KEY_PREFIX=bench-key- KEY_COUNT="$SEED_CONSUMERS" KEY_STEP=2 \
+    wrk_run "$CONNECTIONS" "http://127.0.0.1:$port/auth" -s benches/keys.lua)
+[[ $bad == 0 ]] || die "big seed: $bad failed requests"
+rss=$(awk '/VmRSS/ { printf "%.0f", $2 / 1024 }' "/proc/$big_pid/status")
+row "7 $SEED_CONSUMERS consumers, keys spread over all" "$rps" "$(ratio "$rps" "$CEILING")" "$p50" "$p99" \
+    "startup ${startup}s, resident ${rss} MB (JSON seed, embedded)"
+
+# --- report ------------------------------------------------------------------------------------------
+per() { awk -v a="$1" -v n="$2" 'BEGIN { printf "%.4f", a / n }'; }
+echo
+echo "user-metadata-auth benchmarks — $(date -u +%Y-%m-%d), $(nproc) cores shared by wrk and the servers"
+echo "wrk: 1 thread, $CONNECTIONS connections (8 for scenario 6), $DURATION per run; request: GET /auth,"
+echo "apikey + X-Forwarded-Uri: $URI (bundled seed and config, Redis on loopback)"
+echo
+printf '%-44s %11s %9s %10s %10s  %s\n' scenario 'requests/s' '×ceiling' p50 p99 notes
+printf '%s\n' "${ROWS[@]}"
+echo
+echo "8 Redis commands per allowed call (INFO commandstats, all commands incl. those inside scripts,"
+echo "  health checks and pool PINGs):"
+echo "  async: $(per "$async_cmds" "$async_calls") commands/call, $(per "$async_evalsha" "$async_calls") EVALSHA/call ($async_calls calls)"
+echo "  sync:  $(per "$sync_cmds" "$sync_calls") commands/call, $(per "$sync_evalsha" "$sync_calls") EVALSHA/call," \
+     "$(per $((sync_evalsha + sync_pings)) "$sync_calls") round trips/call ($sync_calls calls; waiting calls share one write)"

@@ -10,10 +10,13 @@
 //! a key from the seed revokes it on restart). A seed hit that Redis lacks is written back (SETEX).
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use metrics::{Counter, counter};
+use rustc_hash::FxHashMap;
 
 use crate::config::CacheSettings;
 use crate::core::decide::Catalog;
@@ -46,9 +49,47 @@ impl From<&Cached> for Resolution<'_> {
     }
 }
 
+thread_local! {
+    /// Fresh answers held by each worker thread as its own copies: returning an `Arc` that every
+    /// thread shares would bounce its reference count between cores on every request.
+    static LOCAL: RefCell<FxHashMap<(u64, KeyHash), Cached>> = RefCell::default();
+}
+
+/// Per-thread bound; past it the thread's copies are dropped and refilled from the shared cache.
+const LOCAL_LIMIT: usize = 4096;
+
+fn local_get(resolver: u64, key: &KeyHash, now: Instant) -> Option<Cached> {
+    LOCAL.with(|local| {
+        local
+            .borrow()
+            .get(&(resolver, *key))
+            .filter(|c| c.fresh_until > now)
+            .cloned()
+    })
+}
+
+fn local_put(resolver: u64, key: KeyHash, cached: &Cached) {
+    let copy = Cached {
+        consumer: cached
+            .consumer
+            .as_ref()
+            .map(|c| Arc::new(Consumer::clone(c))),
+        fresh_until: cached.fresh_until,
+    };
+    LOCAL.with(|local| {
+        let mut local = local.borrow_mut();
+        if local.len() >= LOCAL_LIMIT {
+            local.clear();
+        }
+        local.insert((resolver, key), copy);
+    });
+}
+
 pub struct Resolver {
+    /// Tells this resolver's per-thread copies from another's (tests run several in one process).
+    id: u64,
     store: Option<Arc<RedisStore>>,
-    cache: moka::future::Cache<KeyHash, Cached>,
+    cache: moka::sync::Cache<KeyHash, Cached, rustc_hash::FxBuildHasher>,
     fresh: Duration,
     negative: Duration,
     seed_copy_ttl_secs: u64,
@@ -62,11 +103,13 @@ impl Resolver {
         seed_copy_ttl_secs: u64,
     ) -> Resolver {
         let fresh = Duration::from_millis(settings.local_ttl_ms);
-        let cache = moka::future::Cache::builder()
+        let cache = moka::sync::Cache::builder()
             .max_capacity(settings.max_entries)
             .time_to_live(fresh + Duration::from_secs(settings.stale_ttl_secs))
-            .build();
+            .build_with_hasher(rustc_hash::FxBuildHasher);
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Resolver {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             store,
             cache,
             fresh,
@@ -85,8 +128,12 @@ impl Resolver {
             };
         };
         let now = Instant::now();
-        let cached = self.cache.get(&key).await;
+        if let Some(local) = local_get(self.id, &key, now) {
+            return (&local).into();
+        }
+        let cached = self.cache.get(&key);
         if let Some(c) = cached.as_ref().filter(|c| c.fresh_until > now) {
+            local_put(self.id, key, c);
             return c.into();
         }
         if store.is_up()
@@ -102,7 +149,7 @@ impl Resolver {
                 fresh_until: Instant::now() + ttl,
             };
             let resolution = (&entry).into();
-            self.cache.insert(key, entry).await;
+            self.cache.insert(key, entry);
             return resolution;
         }
         // Redis cannot be asked: the last answer it gave, else the seed, else we cannot decide.

@@ -252,7 +252,7 @@ impl MetadataList {
 }
 
 /// A consumer (Kong's notion): identity, ACL groups, and its own metadata list if it has one.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Consumer {
     pub username: Arc<str>,
     pub custom_id: Option<String>,

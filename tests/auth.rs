@@ -11,27 +11,12 @@ use common::*;
 
 const MIDM_MATRIX: &str = r#"{"T1":[0,0,0,0,0,3,0,0,0,0],"T2":[0,0,0,0,0,3,0,0,0,0],"T3":[0,0,0,0,0,3,0,0,0,0],"T4":[0,0,0,0,0,3,0,0,0,0],"T5":[0,0,0,0,0,3,0,0,0,0],"T6":[0,0,0,0,0,3,0,0,0,0],"T7":[0,0,0,0,0,3,0,0,0,0],"T8":[0,0,0,0,0,3,0,0,0,0],"T9":[0,0,0,0,0,3,0,0,0,0],"T10":[0,0,0,0,0,3,0,0,0,0],"T11":[0,0,0,0,0,3,0,0,0,0],"T12":[0,0,0,0,0,3,0,0,0,0]}"#;
 
-const HEADERS: [&str; 12] = [
-    "X-User-TDL-Matrix",
-    "X-User-Capabilities",
-    "X-Consumer-ID",
-    "X-User-Max-Input-Tokens",
-    "X-User-Max-Output-Tokens",
-    "X-User-Input-Cost",
-    "X-User-Output-Cost",
-    "X-User-Provider",
-    "X-User-Tags",
-    "X-Consumer-Username",
-    "X-Consumer-Custom-ID",
-    "X-Consumer-Groups",
-];
-
 fn assert_denied(r: &Response, status: u16, message: &str) {
     assert_eq!(r.status, status, "{r:?}");
     assert_eq!(r.json()["message"], message, "{r:?}");
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(r.header("cache-control"), Some("no-store"));
-    for name in HEADERS {
+    for name in METADATA_HEADERS {
         assert_eq!(r.header(name), None, "{name} on a deny answer");
     }
     let realm = r.header("www-authenticate");
@@ -66,14 +51,17 @@ fn seed_document_example_user1_on_midm() {
         "client-001",
         "midm-allowed",
     ];
-    for (name, value) in HEADERS.iter().zip(expected) {
+    for (name, value) in METADATA_HEADERS.iter().zip(expected) {
         assert_eq!(r.header_count(name), 1, "{name} must be single-valued");
         assert_eq!(r.header(name), Some(value), "{name}");
     }
     assert_eq!(r.header("content-length"), Some("0"));
     assert_eq!(r.header("cache-control"), Some("no-store"));
     assert!(r.body.is_empty());
-    let total: usize = HEADERS.iter().map(|h| r.header(h).unwrap().len()).sum();
+    let total: usize = METADATA_HEADERS
+        .iter()
+        .map(|h| r.header(h).unwrap().len())
+        .sum();
     assert!(total < 4096, "headers take {total} bytes");
 }
 

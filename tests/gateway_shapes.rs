@@ -15,22 +15,6 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
-/// The twelve metadata headers of every allowed answer (SPEC §4), as the service names them.
-const METADATA_HEADERS: [&str; 12] = [
-    "X-User-TDL-Matrix",
-    "X-User-Capabilities",
-    "X-Consumer-ID",
-    "X-User-Max-Input-Tokens",
-    "X-User-Max-Output-Tokens",
-    "X-User-Input-Cost",
-    "X-User-Output-Cost",
-    "X-User-Provider",
-    "X-User-Tags",
-    "X-Consumer-Username",
-    "X-Consumer-Custom-ID",
-    "X-Consumer-Groups",
-];
-
 /// user1-client on /midm-base/chat (the seed document's example), in `METADATA_HEADERS` order.
 const USER1_MIDM: [&str; 12] = [
     r#"{"T1":[0,0,0,0,0,3,0,0,0,0],"T2":[0,0,0,0,0,3,0,0,0,0],"T3":[0,0,0,0,0,3,0,0,0,0],"T4":[0,0,0,0,0,3,0,0,0,0],"T5":[0,0,0,0,0,3,0,0,0,0],"T6":[0,0,0,0,0,3,0,0,0,0],"T7":[0,0,0,0,0,3,0,0,0,0],"T8":[0,0,0,0,0,3,0,0,0,0],"T9":[0,0,0,0,0,3,0,0,0,0],"T10":[0,0,0,0,0,3,0,0,0,0],"T11":[0,0,0,0,0,3,0,0,0,0],"T12":[0,0,0,0,0,3,0,0,0,0]}"#,

@@ -12,21 +12,6 @@ use common::echo::Echo;
 use common::redis::free_port;
 use common::*;
 
-const HEADERS: [&str; 12] = [
-    "X-User-TDL-Matrix",
-    "X-User-Capabilities",
-    "X-Consumer-ID",
-    "X-User-Max-Input-Tokens",
-    "X-User-Max-Output-Tokens",
-    "X-User-Input-Cost",
-    "X-User-Output-Cost",
-    "X-User-Provider",
-    "X-User-Tags",
-    "X-Consumer-Username",
-    "X-Consumer-Custom-ID",
-    "X-Consumer-Groups",
-];
-
 fn require(binary: &str, package: &str) {
     let found = Command::new("sh")
         .arg("-c")
@@ -247,7 +232,7 @@ fn allowed_calls_reach_the_upstream_with_the_headers_and_without_the_key() {
             "{name}: the body reaches the upstream untouched"
         );
         let expected = service.auth(USER1_KEY, "/midm-base/chat");
-        for header in HEADERS {
+        for header in METADATA_HEADERS {
             assert_eq!(
                 got.header(header).as_deref(),
                 expected.header(header),
@@ -276,7 +261,7 @@ fn client_copies_of_the_headers_never_reach_the_upstream() {
     let echo = Echo::start();
     for (name, start) in GATEWAYS {
         let gateway = start(service.addr, echo.addr);
-        let forged: Vec<(&str, &str)> = HEADERS.iter().map(|h| (*h, "forged")).collect();
+        let forged: Vec<(&str, &str)> = METADATA_HEADERS.iter().map(|h| (*h, "forged")).collect();
         let mut headers = vec![("apikey", "bare-key")];
         headers.extend(forged.iter().copied());
         headers.push(("X-Consumer-Custom-ID", ""));
@@ -287,7 +272,7 @@ fn client_copies_of_the_headers_never_reach_the_upstream() {
             // twelve it sets and cannot delete by prefix (see deploy/nginx/README.md).
             assert_eq!(got.header("X-User-Extra"), None);
         }
-        for header in HEADERS {
+        for header in METADATA_HEADERS {
             for value in got.headers(header) {
                 assert_ne!(value, "forged", "{name}: a client's {header} got through");
             }

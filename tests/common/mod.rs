@@ -14,6 +14,22 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The twelve metadata headers of every allowed answer (SPEC §4), as the service names them.
+pub const METADATA_HEADERS: [&str; 12] = [
+    "X-User-TDL-Matrix",
+    "X-User-Capabilities",
+    "X-Consumer-ID",
+    "X-User-Max-Input-Tokens",
+    "X-User-Max-Output-Tokens",
+    "X-User-Input-Cost",
+    "X-User-Output-Cost",
+    "X-User-Provider",
+    "X-User-Tags",
+    "X-Consumer-Username",
+    "X-Consumer-Custom-ID",
+    "X-Consumer-Groups",
+];
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_user-metadata-auth");
 pub const USER1_KEY: &str = "user1-secret-key-12345";
 pub const ADMIN_KEY: &str = "admin-secret-key-67890";

@@ -160,10 +160,6 @@ impl Resolver {
         }
     }
 
-    pub fn seed_copy_ttl_secs(&self) -> u64 {
-        self.seed_copy_ttl_secs
-    }
-
     async fn ask_redis(
         &self,
         store: &Arc<RedisStore>,

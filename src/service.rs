@@ -83,14 +83,16 @@ pub fn build_app(
     metrics::spawn_upkeep(handle);
     metrics.loaded(&catalog);
     let settings = &loaded.settings;
-    let store = loaded.redis_configured().then(|| {
-        // The URL was checked with the config; a failure here is a bug, reported and survived.
-        RedisStore::new(&settings.redis)
-            .map_err(|e| tracing::error!("redis disabled: {e}"))
-            .ok()
-            .map(Arc::new)
-    });
-    let store = store.flatten();
+    // The URL was checked with the config; a failure here is a bug, reported and survived.
+    let store = loaded
+        .redis_configured()
+        .then(|| {
+            RedisStore::new(&settings.redis)
+                .map_err(|e| tracing::error!("redis disabled: {e}"))
+                .ok()
+        })
+        .flatten()
+        .map(Arc::new);
     ::metrics::gauge!("uma_redis_configured").set(if store.is_some() { 1.0 } else { 0.0 });
     let counters = Arc::new(TdlCounters::new(
         loaded.timezone.clone(),
@@ -114,11 +116,8 @@ pub fn build_app(
     });
     let (stop, stopped) = watch::channel(false);
     if let Some(store) = &store {
-        spawn_redis_upkeep(
-            store,
-            &app,
-            Duration::from_millis(settings.redis.health_interval_ms),
-        );
+        let interval = Duration::from_millis(settings.redis.health_interval_ms);
+        spawn_redis_upkeep(store, &app, interval, settings.redis.cache_ttl_secs);
         tokio::spawn(counters.clone().run_flusher(stopped));
     }
     let background = Background {
@@ -131,11 +130,10 @@ pub fn build_app(
 
 /// Health checks; on the first connection, the seed's consumers are rewritten in Redis so a
 /// restarted service never serves an older seed than its own.
-fn spawn_redis_upkeep(store: &Arc<RedisStore>, app: &Arc<App>, interval: Duration) {
+fn spawn_redis_upkeep(store: &Arc<RedisStore>, app: &Arc<App>, interval: Duration, ttl: u64) {
     let app = Arc::downgrade(app);
     let store_for_copies = store.clone();
     let copied = AtomicBool::new(false);
-    let ttl = store_ttl(&app);
     store.spawn_health_loop(interval, move || {
         if copied.swap(true, Ordering::AcqRel) {
             return;
@@ -150,11 +148,6 @@ fn spawn_redis_upkeep(store: &Arc<RedisStore>, app: &Arc<App>, interval: Duratio
             }
         });
     });
-}
-
-fn store_ttl(app: &std::sync::Weak<App>) -> u64 {
-    app.upgrade()
-        .map_or(3600, |app| app.resolver.seed_copy_ttl_secs())
 }
 
 /// Background work owned by a running service.

@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const MIDM_MATRIX: &str = r#"{"T1":[0,0,0,0,0,3,0,0,0,0],"T2":[0,0,0,0,0,3,0,0,0,0],"T3":[0,0,0,0,0,3,0,0,0,0],"T4":[0,0,0,0,0,3,0,0,0,0],"T5":[0,0,0,0,0,3,0,0,0,0],"T6":[0,0,0,0,0,3,0,0,0,0],"T7":[0,0,0,0,0,3,0,0,0,0],"T8":[0,0,0,0,0,3,0,0,0,0],"T9":[0,0,0,0,0,3,0,0,0,0],"T10":[0,0,0,0,0,3,0,0,0,0],"T11":[0,0,0,0,0,3,0,0,0,0],"T12":[0,0,0,0,0,3,0,0,0,0]}"#;
-
 fn assert_denied(r: &Response, status: u16, message: &str) {
     assert_eq!(r.status, status, "{r:?}");
     assert_eq!(r.json()["message"], message, "{r:?}");
@@ -37,21 +35,7 @@ fn seed_document_example_user1_on_midm() {
     let service = Service::bundled();
     let r = service.auth(USER1_KEY, "/midm-base/chat");
     assert_eq!(r.status, 200, "{r:?}");
-    let expected = [
-        MIDM_MATRIX,
-        "[1,1,0,0,0]",
-        "kt-midm-base",
-        "50000",
-        "20000",
-        "0.00000005",
-        "0.0000002",
-        "kt",
-        r#"["kt","\ubbff\uc74c"]"#,
-        "user1-client",
-        "client-001",
-        "midm-allowed",
-    ];
-    for (name, value) in METADATA_HEADERS.iter().zip(expected) {
+    for (name, value) in METADATA_HEADERS.iter().zip(USER1_MIDM) {
         assert_eq!(r.header_count(name), 1, "{name} must be single-valued");
         assert_eq!(r.header(name), Some(value), "{name}");
     }

@@ -15,22 +15,6 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
-/// user1-client on /midm-base/chat (the seed document's example), in `METADATA_HEADERS` order.
-const USER1_MIDM: [&str; 12] = [
-    r#"{"T1":[0,0,0,0,0,3,0,0,0,0],"T2":[0,0,0,0,0,3,0,0,0,0],"T3":[0,0,0,0,0,3,0,0,0,0],"T4":[0,0,0,0,0,3,0,0,0,0],"T5":[0,0,0,0,0,3,0,0,0,0],"T6":[0,0,0,0,0,3,0,0,0,0],"T7":[0,0,0,0,0,3,0,0,0,0],"T8":[0,0,0,0,0,3,0,0,0,0],"T9":[0,0,0,0,0,3,0,0,0,0],"T10":[0,0,0,0,0,3,0,0,0,0],"T11":[0,0,0,0,0,3,0,0,0,0],"T12":[0,0,0,0,0,3,0,0,0,0]}"#,
-    "[1,1,0,0,0]",
-    "kt-midm-base",
-    "50000",
-    "20000",
-    "0.00000005",
-    "0.0000002",
-    "kt",
-    r#"["kt","\ubbff\uc74c"]"#,
-    "user1-client",
-    "client-001",
-    "midm-allowed",
-];
-
 const FORBIDDEN: &str = "You cannot consume this service";
 const NO_KEY: &str = "No API key found in request";
 const REALM: &str = r#"Key realm="user-metadata-auth""#;

@@ -32,6 +32,24 @@ fn substitute(text: &str, from: &str, to: &str) -> String {
     text.replace(from, to)
 }
 
+/// A deploy file copied into a fresh directory with addresses substituted.
+fn deploy_copy(
+    file: &str,
+    substitutions: &[(&str, String)],
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = std::fs::read_to_string(manifest_dir().join(file)).unwrap();
+    for (from, to) in substitutions {
+        text = substitute(&text, from, to);
+    }
+    let name = Path::new(file)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("config");
+    let config = write_file(dir.path(), name, &text);
+    (dir, config)
+}
+
 /// A running gateway process; killed on drop.
 struct Gateway {
     port: u16,
@@ -64,23 +82,17 @@ impl Gateway {
 
     fn nginx(service: SocketAddr, upstream: SocketAddr) -> Gateway {
         require("nginx", "nginx");
-        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let (dir, config) = deploy_copy(
+            "deploy/nginx/nginx.conf",
+            &[
+                ("listen 8080;", format!("listen 127.0.0.1:{port};")),
+                ("server 127.0.0.1:8089;", format!("server {service};")),
+                ("server 127.0.0.1:9000;", format!("server {upstream};")),
+            ],
+        );
         // Workers run as nobody: they must reach the prefix for request-body temp files.
         set_mode(dir.path(), 0o755);
-        let port = free_port();
-        let text = std::fs::read_to_string(manifest_dir().join("deploy/nginx/nginx.conf")).unwrap();
-        let text = substitute(&text, "listen 8080;", &format!("listen 127.0.0.1:{port};"));
-        let text = substitute(
-            &text,
-            "server 127.0.0.1:8089;",
-            &format!("server {service};"),
-        );
-        let text = substitute(
-            &text,
-            "server 127.0.0.1:9000;",
-            &format!("server {upstream};"),
-        );
-        let config = write_file(dir.path(), "nginx.conf", &text);
         let pid = dir.path().join("nginx.pid");
         let child = Command::new("nginx")
             .arg("-p")
@@ -105,21 +117,21 @@ impl Gateway {
 
     fn caddy(service: SocketAddr, upstream: SocketAddr) -> Gateway {
         require("caddy", "caddy");
-        let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let text = std::fs::read_to_string(manifest_dir().join("deploy/caddy/Caddyfile")).unwrap();
-        let text = substitute(&text, ":8080 {", &format!(":{port} {{\n\tbind 127.0.0.1"));
-        let text = substitute(
-            &text,
-            "forward_auth 127.0.0.1:8089 {",
-            &format!("forward_auth {service} {{"),
+        let (dir, config) = deploy_copy(
+            "deploy/caddy/Caddyfile",
+            &[
+                (":8080 {", format!(":{port} {{\n\tbind 127.0.0.1")),
+                (
+                    "forward_auth 127.0.0.1:8089 {",
+                    format!("forward_auth {service} {{"),
+                ),
+                (
+                    "reverse_proxy 127.0.0.1:9000",
+                    format!("reverse_proxy {upstream}"),
+                ),
+            ],
         );
-        let text = substitute(
-            &text,
-            "reverse_proxy 127.0.0.1:9000",
-            &format!("reverse_proxy {upstream}"),
-        );
-        let config = write_file(dir.path(), "Caddyfile", &text);
         let child = Command::new("caddy")
             .args(["run", "--adapter", "caddyfile", "--config"])
             .arg(&config)

@@ -30,6 +30,22 @@ pub const METADATA_HEADERS: [&str; 12] = [
     "X-Consumer-Groups",
 ];
 
+/// user1-client on /midm-base/chat (the seed document's example), in `METADATA_HEADERS` order.
+pub const USER1_MIDM: [&str; 12] = [
+    r#"{"T1":[0,0,0,0,0,3,0,0,0,0],"T2":[0,0,0,0,0,3,0,0,0,0],"T3":[0,0,0,0,0,3,0,0,0,0],"T4":[0,0,0,0,0,3,0,0,0,0],"T5":[0,0,0,0,0,3,0,0,0,0],"T6":[0,0,0,0,0,3,0,0,0,0],"T7":[0,0,0,0,0,3,0,0,0,0],"T8":[0,0,0,0,0,3,0,0,0,0],"T9":[0,0,0,0,0,3,0,0,0,0],"T10":[0,0,0,0,0,3,0,0,0,0],"T11":[0,0,0,0,0,3,0,0,0,0],"T12":[0,0,0,0,0,3,0,0,0,0]}"#,
+    "[1,1,0,0,0]",
+    "kt-midm-base",
+    "50000",
+    "20000",
+    "0.00000005",
+    "0.0000002",
+    "kt",
+    r#"["kt","\ubbff\uc74c"]"#,
+    "user1-client",
+    "client-001",
+    "midm-allowed",
+];
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_user-metadata-auth");
 pub const USER1_KEY: &str = "user1-secret-key-12345";
 pub const ADMIN_KEY: &str = "admin-secret-key-67890";

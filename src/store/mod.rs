@@ -13,14 +13,46 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use deadpool_redis::{Manager, Pool, Runtime};
+use deadpool::managed::{Metrics as PoolMetrics, Object, RecycleResult};
+use deadpool_redis::Runtime;
 use jiff::civil::Date;
 use metrics::{Counter, Gauge, counter, gauge};
+use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, Pipeline, RedisError, ServerErrorKind, Value};
 
 use crate::config::RedisSettings;
 use crate::core::model::SLOTS;
 use scripts::Lua;
+
+/// A connection handed out this recently is known to work (one that failed was discarded).
+const RECENTLY_USED: Duration = Duration::from_secs(1);
+
+/// deadpool-redis's manager without its UNWATCH + PING round trip on every `get()`: only
+/// connections idle for longer than [`RECENTLY_USED`] are checked. Without this every Redis
+/// operation cost two round trips.
+struct CheckedManager(deadpool_redis::Manager);
+
+impl deadpool::managed::Manager for CheckedManager {
+    type Type = MultiplexedConnection;
+    type Error = RedisError;
+
+    async fn create(&self) -> Result<MultiplexedConnection, RedisError> {
+        self.0.create().await
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut MultiplexedConnection,
+        metrics: &PoolMetrics,
+    ) -> RecycleResult<RedisError> {
+        if metrics.last_used() < RECENTLY_USED {
+            return Ok(());
+        }
+        self.0.recycle(conn, metrics).await
+    }
+}
+
+type Pool = deadpool::managed::Pool<CheckedManager>;
 
 /// Why an operation failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,9 +122,9 @@ impl RedisStore {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(connect))
             .set_response_timeout(Some(timeout));
-        let manager =
-            Manager::new_with_config(settings.url.as_str(), config).map_err(|e| e.to_string())?;
-        let pool = Pool::builder(manager)
+        let manager = deadpool_redis::Manager::new_with_config(settings.url.as_str(), config)
+            .map_err(|e| e.to_string())?;
+        let pool = Pool::builder(CheckedManager(manager))
             .max_size(settings.pool_size)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(timeout))
@@ -131,16 +163,23 @@ impl RedisStore {
     /// Runs `op` on a pooled connection within the command timeout; an outage marks Redis down.
     async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let attempt = async {
-            let conn = self
+            let pooled = self
                 .pool
                 .get()
                 .await
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            op(conn).await.map_err(classify)
+            let result = op(MultiplexedConnection::clone(&pooled))
+                .await
+                .map_err(classify);
+            if matches!(result, Err(StoreError::Unavailable(_))) {
+                // Never hand a connection that just failed to the next caller unchecked.
+                drop(Object::take(pooled));
+            }
+            result
         };
         let result = match tokio::time::timeout(self.timeout, attempt).await {
             Ok(result) => result,

@@ -5,7 +5,8 @@
 //! `/midm-base/chat`, held in memory as static values and cloned per response: no key lookup, no
 //! route matching, no counting. It uses the same crates and connection settings as the service
 //! (`src/http/mod.rs`: auto HTTP/1.1 + h2c builder, `TokioTimer`, header read timeout, keep-alive,
-//! `TCP_NODELAY`, multi-thread runtime), so the gap between the two under `scripts/bench.sh` is the
+//! `TCP_NODELAY`, multi-thread runtime; `UMA_SERVER__WORKERS` sets the worker count as for the
+//! service), so the gap between the two under `benches/run.sh` is the
 //! cost of the service's own logic.
 //!
 //! Usage: `cargo run --release --example ceiling -- [listen address, default 127.0.0.1:8090]`

@@ -25,6 +25,7 @@ pub struct Settings {
     pub tdl: TdlSettings,
     pub cache: CacheSettings,
     pub server: ServerSettings,
+    pub auth: AuthSettings,
     pub log: LogSettings,
     pub routes: Vec<RouteSettings>,
 }
@@ -50,6 +51,8 @@ pub struct RedisSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct SeedSettings {
     pub path: PathBuf,
+    /// Largest seed file read; a larger one is refused before any byte is read.
+    pub max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -69,6 +72,9 @@ pub struct TdlSettings {
     /// Bound on distinct (consumer, entry, day) counters waiting for Redis; increments for new ones
     /// past it are dropped and counted in `uma_tdl_dropped_total`.
     pub max_pending_keys: usize,
+    /// Embedded mode: bound on stored (consumer, entry, day) counters; past it the oldest days are
+    /// evicted first (`uma_tdl_evicted_total`), so today's counts are never the ones lost.
+    pub max_history_keys: usize,
     /// At shutdown, how long the final flush may try.
     pub shutdown_flush_ms: u64,
 }
@@ -92,8 +98,91 @@ pub struct ServerSettings {
     pub workers: usize,
     /// A client that has not sent its whole request head by then is disconnected.
     pub header_read_timeout_ms: u64,
+    /// A keep-alive or HTTP/2 connection with no request for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Open connections past which a new one closes the longest-idle connection (SPEC §2).
+    pub max_connections: usize,
     /// On SIGTERM, how long in-flight requests and idle keep-alive connections may take to finish.
     pub shutdown_grace_ms: u64,
+}
+
+/// Which headers describe the client's call (SPEC §4 "The original request").
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OriginalSource {
+    /// Every present source must agree.
+    Auto,
+    /// The path after `/auth` (Envoy).
+    Path,
+    /// `X-Forwarded-*` (Traefik, Caddy).
+    Forwarded,
+    /// `X-Original-*` (nginx, Kong).
+    Original,
+}
+
+/// A way for the auth request to choose its metadata entry (SPEC §4 rules 2 and 3).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EntrySelector {
+    /// `?metadata_id=` on the `/auth` URL itself.
+    Query,
+    /// The `X-Metadata-Id` header.
+    Header,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    pub original_request: OriginalSource,
+    /// The URI decided on when the source set gives none; unset: 400 `Original URI missing`.
+    pub default_uri: Option<String>,
+    /// Off by default: a client that can send a selector picks its own entry.
+    #[serde(deserialize_with = "list_or_comma_separated")]
+    pub entry_selectors: Vec<EntrySelector>,
+    /// Whether `X-Uma-Route` names the seed route (only for gateways that always set it).
+    pub trust_route_header: bool,
+    /// When set, `/auth` needs `X-Uma-Gateway: <secret>`.
+    pub gateway_secret: Option<String>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            original_request: OriginalSource::Auto,
+            default_uri: None,
+            entry_selectors: Vec::new(),
+            trust_route_header: false,
+            gateway_secret: None,
+        }
+    }
+}
+
+/// A list from TOML, or `a,b` from an environment variable (the config crate would need
+/// `try_parsing` for lists, which also turns `"0123"` into `123` in every string setting).
+fn list_or_comma_separated<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrText {
+        List(Vec<String>),
+        Text(String),
+    }
+    let items = match ListOrText::deserialize(deserializer)? {
+        ListOrText::List(items) => items,
+        ListOrText::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    };
+    items
+        .into_iter()
+        .map(|item| T::deserialize(serde::de::value::StringDeserializer::<D::Error>::new(item)))
+        .collect()
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -124,6 +213,7 @@ impl Default for Settings {
             tdl: TdlSettings::default(),
             cache: CacheSettings::default(),
             server: ServerSettings::default(),
+            auth: AuthSettings::default(),
             log: LogSettings::default(),
             routes: Vec::new(),
         }
@@ -147,6 +237,7 @@ impl Default for SeedSettings {
     fn default() -> Self {
         SeedSettings {
             path: PathBuf::from("config/seed.yaml"),
+            max_bytes: 536_870_912,
         }
     }
 }
@@ -159,6 +250,7 @@ impl Default for TdlSettings {
             flush_interval_ms: 100,
             retention_days: 35,
             max_pending_keys: 100_000,
+            max_history_keys: 1_000_000,
             shutdown_flush_ms: 5_000,
         }
     }
@@ -180,6 +272,8 @@ impl Default for ServerSettings {
         ServerSettings {
             workers: 0,
             header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 10_000,
             shutdown_grace_ms: 5_000,
         }
     }
@@ -464,6 +558,35 @@ mod tests {
         .unwrap_err();
         let paths: Vec<&str> = err.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(paths, ["redis.url", "redis.pool_size"]);
+    }
+
+    #[test]
+    fn auth_settings_from_file_and_environment() {
+        let (_dir, path) =
+            write("[auth]\noriginal_request = \"original\"\nentry_selectors = [\"header\"]\n");
+        let loaded = Settings::load(Some(&path), env(&[])).unwrap();
+        assert_eq!(
+            loaded.settings.auth.original_request,
+            OriginalSource::Original
+        );
+        assert_eq!(
+            loaded.settings.auth.entry_selectors,
+            [EntrySelector::Header]
+        );
+        let loaded = Settings::load(
+            None,
+            env(&[
+                ("UMA_AUTH__ENTRY_SELECTORS", "query, header"),
+                ("UMA_AUTH__GATEWAY_SECRET", "0123"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            loaded.settings.auth.entry_selectors,
+            [EntrySelector::Query, EntrySelector::Header]
+        );
+        assert_eq!(loaded.settings.auth.gateway_secret.as_deref(), Some("0123"));
+        assert!(Settings::load(None, env(&[("UMA_AUTH__ENTRY_SELECTORS", "cookie")])).is_err());
     }
 
     #[test]

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::core::request::ReadRules;
+pub use crate::core::request::{EntrySelector, OriginalSource};
 use crate::core::routes::{Acl, ConfigRoute};
 use crate::problem::Problem;
 
@@ -104,30 +106,6 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// On SIGTERM, how long in-flight requests and idle keep-alive connections may take to finish.
     pub shutdown_grace_ms: u64,
-}
-
-/// Which headers describe the client's call (SPEC §4 "The original request").
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum OriginalSource {
-    /// Every present source must agree.
-    Auto,
-    /// The path after `/auth` (Envoy).
-    Path,
-    /// `X-Forwarded-*` (Traefik, Caddy).
-    Forwarded,
-    /// `X-Original-*` (nginx, Kong).
-    Original,
-}
-
-/// A way for the auth request to choose its metadata entry (SPEC §4 rules 2 and 3).
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum EntrySelector {
-    /// `?metadata_id=` on the `/auth` URL itself.
-    Query,
-    /// The `X-Metadata-Id` header.
-    Header,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -456,6 +434,27 @@ impl Settings {
 impl Loaded {
     pub fn redis_configured(&self) -> bool {
         !self.settings.redis.url.trim().is_empty()
+    }
+
+    /// How `/auth` requests are read (SPEC §4), from `[auth]`.
+    pub fn read_rules(&self) -> ReadRules {
+        let auth = &self.settings.auth;
+        ReadRules {
+            source: auth.original_request,
+            default_uri: auth.default_uri.clone().filter(|u| !u.is_empty()),
+            query_selector: auth.entry_selectors.contains(&EntrySelector::Query),
+            header_selector: auth.entry_selectors.contains(&EntrySelector::Header),
+            trust_route_header: auth.trust_route_header,
+        }
+    }
+
+    /// `auth.gateway_secret`, when set to something.
+    pub fn gateway_secret(&self) -> Option<&str> {
+        self.settings
+            .auth
+            .gateway_secret
+            .as_deref()
+            .filter(|s| !s.is_empty())
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::core::Deny;
+use crate::core::Refusal;
 use crate::core::decide::Catalog;
 use crate::request_stats::RequestStats;
 
@@ -71,41 +71,35 @@ impl Endpoint {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Allow,
-    Denied(Deny),
+    /// Refused; the index into [`Refusal::LABELS`].
+    Refused(usize),
     /// Not a decision: health, metrics, 404, 405, OPTIONS.
     Served,
 }
 
-const OUTCOMES: [Outcome; crate::request_stats::OUTCOMES] = [
-    Outcome::Allow,
-    Outcome::Denied(Deny::NoKey),
-    Outcome::Denied(Deny::InvalidKey),
-    Outcome::Denied(Deny::DuplicateKey),
-    Outcome::Denied(Deny::Forbidden),
-    Outcome::Denied(Deny::Unavailable),
-    Outcome::Served,
-];
-
 impl Outcome {
-    fn label(self) -> &'static str {
-        match self {
-            Outcome::Allow => "allow",
-            Outcome::Denied(Deny::NoKey) => "no_key",
-            Outcome::Denied(Deny::InvalidKey) => "invalid_key",
-            Outcome::Denied(Deny::DuplicateKey) => "duplicate_key",
-            Outcome::Denied(Deny::Forbidden) => "forbidden",
-            Outcome::Denied(Deny::Unavailable) => "unavailable",
-            Outcome::Served => "served",
+    pub fn refused(refusal: &Refusal) -> Outcome {
+        Outcome::Refused(refusal.label_index())
+    }
+
+    fn label(index: usize) -> &'static str {
+        match index {
+            0 => "allow",
+            i if i <= Refusal::LABELS.len() => Refusal::LABELS[i - 1],
+            _ => "served",
         }
     }
 
     fn index(self) -> usize {
-        OUTCOMES
-            .iter()
-            .position(|o| *o == self)
-            .unwrap_or(OUTCOMES.len() - 1)
+        match self {
+            Outcome::Allow => 0,
+            Outcome::Refused(i) => 1 + i.min(Refusal::LABELS.len() - 1),
+            Outcome::Served => OUTCOMES - 1,
+        }
     }
 }
+
+const OUTCOMES: usize = crate::request_stats::OUTCOMES;
 
 const ENDPOINTS: [Endpoint; crate::request_stats::ENDPOINTS] = [
     Endpoint::Auth,
@@ -204,11 +198,12 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = self.handle.render();
         let endpoints = ENDPOINTS.map(Endpoint::label);
-        let outcomes = OUTCOMES.map(Outcome::label);
+        let outcomes: [&str; OUTCOMES] = std::array::from_fn(Outcome::label);
+        let served = Outcome::Served.index();
         // Only combinations that can happen are shown, so `/metrics` has no dead series.
         let possible = |e: usize, o: usize| match ENDPOINTS[e] {
-            Endpoint::Other => OUTCOMES[o] == Outcome::Served,
-            Endpoint::Auth => OUTCOMES[o] != Outcome::Served,
+            Endpoint::Other => o == served,
+            Endpoint::Auth => o != served,
             Endpoint::UserMetadata | Endpoint::TdlMatrix => true,
         };
         self.requests

@@ -13,7 +13,8 @@ use std::time::Duration;
 /// Enough for the worker threads of a sidecar; more threads share shards (still correct).
 const SHARDS: usize = 16;
 pub const ENDPOINTS: usize = 4;
-pub const OUTCOMES: usize = 7;
+/// Allowed, each refusal label, served (see `metrics::Outcome`).
+pub const OUTCOMES: usize = crate::core::Refusal::LABELS.len() + 2;
 
 /// Histogram upper bounds in nanoseconds and as printed (`le`): 25 µs (a warm `/auth`) to 1 s.
 const BOUNDS: [(u64, &str); 14] = [
@@ -153,7 +154,7 @@ mod tests {
         stats.render_requests(
             &mut out,
             &["auth", "b", "c", "d"],
-            &["allow", "no_key", "x", "x", "x", "x", "x"],
+            &["allow", "no_key", "x", "x", "x", "x", "x", "x", "x"],
             |e, o| e == 0 && o < 2,
         );
         assert!(

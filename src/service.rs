@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
 use crate::config::Loaded;
-use crate::core::decide::Catalog;
+use crate::core::decide::{Catalog, Policy};
 use crate::http::{self, App, ServeOptions};
 use crate::lookup::{Resolver, seed_copies};
 use crate::metrics::{self, Metrics};
@@ -26,12 +26,13 @@ use crate::tdl::TdlCounters;
 pub fn load_catalog(loaded: &Loaded, seed_path: Option<&Path>) -> Result<Catalog, Vec<Problem>> {
     let path = seed_path.unwrap_or(&loaded.settings.seed.path);
     let data = seed::load_file(path)?;
-    let catalog = Catalog::new(
-        data.consumers,
-        data.routes,
-        loaded.routes.clone(),
-        data.global,
-    );
+    let policy = Policy {
+        global: data.global,
+        global_acl: data.global_acl,
+        global_key_auth: data.global_key_auth,
+        ..Policy::build(data.routes, loaded.routes.clone())
+    };
+    let catalog = Catalog::new(data.consumers, policy);
     release_freed_memory();
     Ok(catalog)
 }
@@ -48,23 +49,13 @@ fn release_freed_memory() {
 
 /// Config routes that pin an id no list of the seed holds: every call on them would be refused.
 pub fn pin_warnings(loaded: &Loaded, catalog: &Catalog) -> Vec<String> {
-    let mut known: Vec<&str> = Vec::new();
-    let mut lists: Vec<_> = catalog
-        .consumers
-        .iter()
-        .filter_map(|c| c.metadata.as_ref())
-        .collect();
-    lists.extend(catalog.policy.global.as_ref());
-    for list in lists {
-        known.extend(list.entries().iter().map(|e| &*e.id));
-    }
     loaded
         .routes
         .iter()
         .enumerate()
         .filter_map(|(i, r)| {
             let id = r.metadata_id.as_deref()?;
-            (!known.contains(&id)).then(|| {
+            (!catalog.has_entry(id)).then(|| {
                 format!("routes[{i}].metadata_id: `{id}` is in no metadata list of the seed")
             })
         })
@@ -110,6 +101,8 @@ pub fn build_app(
         counters: counters.clone(),
         store: store.clone(),
         metrics,
+        rules: loaded.read_rules(),
+        gateway_secret: loaded.gateway_secret().map(|s| s.as_bytes().into()),
         timezone_name: settings.tdl.timezone.clone(),
         sync_wait: Duration::from_millis(settings.redis.command_timeout_ms * 2 + 10),
         ready: AtomicBool::new(true),

@@ -171,10 +171,11 @@ fn tdl_matrix_shows_entries_used_from_other_lists() {
     );
     assert_eq!(entries[0]["provider_name"], "g");
     assert_eq!(usage_total(&tdl, "global-a"), 1);
+    // Described from the first list that holds it (SPEC §6): here the seed route's list.
     let other = &entries[1];
     assert_eq!(other["id"], "route-a");
-    assert_eq!(other["provider_name"], "");
-    assert!(other["tdl_matrix"].is_null());
+    assert_eq!(other["provider_name"], "r");
+    assert!(other["tdl_matrix"]["T1"].is_array(), "{tdl}");
     assert_eq!(usage_total(&tdl, "route-a"), 1);
 }
 
@@ -190,6 +191,7 @@ fn health_readiness_metrics_and_unknown_paths() {
     );
     service.auth(USER1_KEY, "/midm-base/chat");
     service.auth(USER1_KEY, "/gpt4o/chat");
+    service.get("/auth/x", &[]);
     service.get("/auth", &[]);
     let metrics = service.get("/metrics", &[]);
     assert_eq!(metrics.status, 200);
@@ -204,6 +206,7 @@ fn health_readiness_metrics_and_unknown_paths() {
         r#"uma_requests_total{endpoint="auth",decision="allow"} 1"#,
         r#"uma_requests_total{endpoint="auth",decision="forbidden"} 1"#,
         r#"uma_requests_total{endpoint="auth",decision="no_key"} 1"#,
+        r#"uma_requests_total{endpoint="auth",decision="bad_request"} 1"#,
         "uma_consumers_loaded 2",
         "uma_keys_loaded 2",
         "uma_tdl_increments_total 1",

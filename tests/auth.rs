@@ -86,9 +86,16 @@ fn deny_table_rows() {
         401,
         "Invalid authentication credentials",
     );
-    let twice = service.get("/auth", &[("apikey", USER1_KEY), ("apikey", USER1_KEY)]);
+    let uri = ("X-Forwarded-Uri", "/midm-base/chat");
+    let twice = service.get(
+        "/auth",
+        &[("apikey", USER1_KEY), ("apikey", USER1_KEY), uri],
+    );
     assert_denied(&twice, 401, "Duplicate API key found");
-    let twice = service.get("/auth", &[("x-api-key", USER1_KEY), ("X-Api-Key", "other")]);
+    let twice = service.get(
+        "/auth",
+        &[("x-api-key", USER1_KEY), ("X-Api-Key", "other"), uri],
+    );
     assert_denied(&twice, 401, "Duplicate API key found");
     let in_query = service.get(
         "/auth",
@@ -102,6 +109,62 @@ fn deny_table_rows() {
         &service.auth(USER1_KEY, "/gpt4o/chat"),
         403,
         "You cannot consume this service",
+    );
+    // 400s: no URI anywhere, an unreadable one, sources that disagree.
+    assert_denied(
+        &service.get("/auth", &[("apikey", USER1_KEY)]),
+        400,
+        "Original URI missing",
+    );
+    let bad = service.get(
+        "/auth",
+        &[("apikey", USER1_KEY), ("X-Original-URI", "gpt4o/chat")],
+    );
+    assert_denied(&bad, 400, "Invalid original URI");
+    let conflicting = service.get(
+        "/auth",
+        &[
+            ("apikey", USER1_KEY),
+            ("X-Original-URI", "/gpt4o/chat"),
+            ("X-Forwarded-Uri", "/x"),
+        ],
+    );
+    assert_denied(&conflicting, 400, "Conflicting original request");
+}
+
+#[test]
+fn a_gateway_secret_is_required_when_set() {
+    let service =
+        Service::bundled_with_env(&[("UMA_AUTH__GATEWAY_SECRET", "s3cret-of-the-gateway")]);
+    let uri = ("X-Forwarded-Uri", "/midm-base/chat");
+    let r = service.get("/auth", &[("apikey", USER1_KEY), uri]);
+    assert_denied(&r, 401, "Unknown gateway");
+    let r = service.get(
+        "/auth",
+        &[("apikey", USER1_KEY), uri, ("X-Uma-Gateway", "wrong")],
+    );
+    assert_denied(&r, 401, "Unknown gateway");
+    let r = service.get(
+        "/auth",
+        &[
+            ("apikey", USER1_KEY),
+            uri,
+            ("X-Uma-Gateway", "s3cret-of-the-gateway"),
+        ],
+    );
+    assert_eq!(consumer_id(&r), Some("kt-midm-base"));
+    // The 400 checks come first (SPEC §4 order, step 1).
+    assert_denied(
+        &service.get("/auth", &[("apikey", USER1_KEY)]),
+        400,
+        "Original URI missing",
+    );
+    // `/api/*` is for clients, not gateways: no secret there.
+    assert_eq!(
+        service
+            .get("/api/user-metadata", &[("apikey", USER1_KEY)])
+            .status,
+        200
     );
 }
 
@@ -143,32 +206,102 @@ fn every_key_location() {
 fn original_uri_sources() {
     let service = Service::bundled();
     // Envoy: /auth/<original path and query>.
-    let envoy = service.get(
+    let envoy = service.get(&format!("/auth/midm-base/chat?apikey={USER1_KEY}"), &[]);
+    assert_eq!(consumer_id(&envoy), Some("kt-midm-base"));
+    let envoy = service.get("/auth/gpt4o/chat", &[("apikey", USER1_KEY)]);
+    assert_denied(&envoy, 403, "You cannot consume this service");
+    // A client's own X-Forwarded-Uri beside Envoy's path: refused, never believed (auto).
+    let spoof = service.get(
         "/auth/gpt4o/chat",
         &[
             ("apikey", USER1_KEY),
             ("X-Forwarded-Uri", "/midm-base/chat"),
         ],
     );
-    assert_denied(&envoy, 403, "You cannot consume this service");
-    let envoy = service.get(&format!("/auth/midm-base/chat?apikey={USER1_KEY}"), &[]);
-    assert_eq!(consumer_id(&envoy), Some("kt-midm-base"));
+    assert_denied(&spoof, 400, "Conflicting original request");
     // nginx convention.
     let nginx = service.get(
         "/auth",
         &[("apikey", ADMIN_KEY), ("X-Original-URI", "/gpt4o/chat")],
     );
     assert_eq!(consumer_id(&nginx), Some("azure-gpt4o"));
-    // X-Forwarded-Uri before X-Original-URI.
+    // Both present and agreeing after normalization.
     let both = service.get(
         "/auth",
         &[
             ("apikey", ADMIN_KEY),
-            ("X-Forwarded-Uri", "/midm-base/chat"),
+            ("X-Forwarded-Uri", "/gpt4o/./chat"),
             ("X-Original-URI", "/gpt4o/chat"),
         ],
     );
-    assert_eq!(consumer_id(&both), Some("kt-midm-base"));
+    assert_eq!(consumer_id(&both), Some("azure-gpt4o"));
+    // A lone /auth/ is a source too.
+    let lone = service.get(
+        "/auth/",
+        &[("apikey", USER1_KEY), ("X-Original-URI", "/gpt4o/chat")],
+    );
+    assert_denied(&lone, 400, "Conflicting original request");
+}
+
+#[test]
+fn an_explicit_source_set_ignores_the_others() {
+    let service = Service::bundled_with_env(&[("UMA_AUTH__ORIGINAL_REQUEST", "original")]);
+    let r = service.get(
+        "/auth",
+        &[
+            ("apikey", USER1_KEY),
+            ("X-Original-URI", "/gpt4o/chat"),
+            ("X-Forwarded-Uri", "/midm-base/chat"),
+        ],
+    );
+    assert_denied(&r, 403, "You cannot consume this service");
+    let r = service.get(
+        "/auth",
+        &[
+            ("apikey", USER1_KEY),
+            ("X-Forwarded-Uri", "/midm-base/chat"),
+        ],
+    );
+    assert_denied(&r, 400, "Original URI missing");
+    let path = Service::bundled_with_env(&[("UMA_AUTH__ORIGINAL_REQUEST", "path")]);
+    let r = path.get(
+        "/auth/midm-base/chat",
+        &[("apikey", USER1_KEY), ("X-Original-URI", "/gpt4o/chat")],
+    );
+    assert_eq!(consumer_id(&r), Some("kt-midm-base"));
+    let fallback = Service::bundled_with_env(&[("UMA_AUTH__DEFAULT_URI", "/")]);
+    assert_eq!(
+        consumer_id(&fallback.get("/auth", &[("apikey", USER1_KEY)])),
+        Some("kt-midm-base")
+    );
+}
+
+/// `GET /auth` with `X-Original-URI` set to raw bytes (nginx passes a client's bytes as they came).
+fn auth_with_raw_uri(service: &Service, key: &str, uri: &[u8]) -> Response {
+    let mut head =
+        format!("GET /auth HTTP/1.1\r\nHost: x\r\napikey: {key}\r\nX-Original-URI: ").into_bytes();
+    head.extend_from_slice(uri);
+    head.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+    raw(service.addr, &head, false)
+}
+
+#[test]
+fn non_ascii_bytes_never_skip_the_acl() {
+    let service = Service::bundled();
+    for uri in [
+        "/gpt4o/chat?x=é".as_bytes(),
+        b"/gpt4o/chat\xff",
+        "/gpt4o/chät/../chat".as_bytes(),
+    ] {
+        let r = auth_with_raw_uri(&service, USER1_KEY, uri);
+        assert_denied(&r, 403, "You cannot consume this service");
+    }
+    // The admin passes with the same bytes: the route is read, not refused.
+    let r = auth_with_raw_uri(&service, ADMIN_KEY, "/gpt4o/chat?x=é".as_bytes());
+    assert_eq!(consumer_id(&r), Some("azure-gpt4o"));
+    // A control character is refused, never skipped.
+    let r = auth_with_raw_uri(&service, ADMIN_KEY, b"/gpt4o/\tchat");
+    assert_denied(&r, 400, "Invalid original URI");
 }
 
 #[test]
@@ -181,6 +314,15 @@ fn normalized_paths_cannot_slip_past_an_acl() {
         "/gpt4o/./chat",
         "/x/%2e%2e/gpt4o/chat",
         "/gpt4o%2Fchat",
+        // Readings an upstream may have (SPEC §5): backslashes, `;` parameters, case, plain
+        // prefixes (Kong and nginx route /gpt4o/chatter to the /gpt4o/chat upstream), and dot
+        // segments an upstream does not remove.
+        "/gpt4o\\chat",
+        "/gpt4o%5Cchat",
+        "/gpt4o;v=1/chat",
+        "/GPT4O/Chat",
+        "/gpt4o/chatter",
+        "/gpt4o/chat/../../x",
     ] {
         assert_denied(
             &service.auth(USER1_KEY, uri),
@@ -190,7 +332,6 @@ fn normalized_paths_cannot_slip_past_an_acl() {
     }
     let envoy = service.get("/auth//gpt4o/./chat", &[("apikey", USER1_KEY)]);
     assert_denied(&envoy, 403, "You cannot consume this service");
-    // Whole segments: /gpt4o/chatter is not /gpt4o/chat (and the config pin on /gpt4o still applies).
     assert_eq!(
         consumer_id(&service.auth(ADMIN_KEY, "/gpt4o/chatter")),
         Some("azure-gpt4o")
@@ -207,13 +348,13 @@ fn every_method_gets_a_decision() {
     for method in ["GET", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"] {
         let r = request(service.addr, method, "/auth", &headers);
         assert_eq!(consumer_id(&r), Some("kt-midm-base"), "{method}");
-        let r = request(service.addr, method, "/auth", &[]);
+        let r = request(service.addr, method, "/auth/x", &[]);
         assert_eq!(r.status, 401, "{method}");
     }
     let head = request(service.addr, "HEAD", "/auth", &headers);
     assert_eq!(head.status, 200);
     assert_eq!(head.header("x-consumer-id"), Some("kt-midm-base"));
-    assert_eq!(request(service.addr, "HEAD", "/auth", &[]).status, 401);
+    assert_eq!(request(service.addr, "HEAD", "/auth/x", &[]).status, 401);
 }
 
 #[test]
@@ -360,9 +501,31 @@ fn select(
     service.get(auth_url, &headers)
 }
 
+/// A service that honours both entry selectors (SPEC §4: they are off by default).
+fn selecting(config: &str, seed: &str) -> Service {
+    Service::with_files_env(
+        config,
+        seed,
+        &[("UMA_AUTH__ENTRY_SELECTORS", "query,header")],
+    )
+}
+
+#[test]
+fn entry_selectors_are_off_by_default() {
+    let service = Service::with_files(PRECEDENCE_CONFIG, &precedence_seed());
+    let r = select(
+        &service,
+        "own-key",
+        "/auth?metadata_id=own-b",
+        "/free",
+        Some("own-b"),
+    );
+    assert_eq!(consumer_id(&r), Some("own-a"));
+}
+
 #[test]
 fn entry_selection_rules_in_order() {
-    let service = Service::with_files(PRECEDENCE_CONFIG, &precedence_seed());
+    let service = selecting(PRECEDENCE_CONFIG, &precedence_seed());
     // 1. the config route's pin beats the URL and the header.
     let r = select(
         &service,
@@ -395,11 +558,30 @@ fn entry_selection_rules_in_order() {
     assert_denied(&r, 403, "You cannot consume this service");
     let r = select(&service, "bare-key", "/auth", "/pinned/x", None);
     assert_denied(&r, 403, "You cannot consume this service");
+    // One selector given twice with different values.
+    let r = select(
+        &service,
+        "own-key",
+        "/auth?metadata_id=own-a&metadata_id=own-b",
+        "/free",
+        None,
+    );
+    assert_denied(&r, 400, "Conflicting metadata_id");
+    let r = service.get(
+        "/auth",
+        &[
+            ("apikey", "own-key"),
+            ("X-Forwarded-Uri", "/free"),
+            ("X-Metadata-Id", "own-a"),
+            ("X-Metadata-Id", "own-b"),
+        ],
+    );
+    assert_denied(&r, 400, "Conflicting metadata_id");
 }
 
 #[test]
 fn kong_precedence_consumer_route_global() {
-    let service = Service::with_files(PRECEDENCE_CONFIG, &precedence_seed());
+    let service = selecting(PRECEDENCE_CONFIG, &precedence_seed());
     assert_eq!(
         consumer_id(&select(&service, "own-key", "/auth", "/listed", None)),
         Some("own-a")
@@ -422,7 +604,10 @@ fn kong_precedence_consumer_route_global() {
         consumer_id(&select(&service, "bare-key", "/auth", "/elsewhere", None)),
         Some("global-a")
     );
+    // A plain prefix: /listedx is under /listed, as Kong and nginx route it.
     let r = select(&service, "bare-key", "/auth", "/listedx", None);
+    assert_eq!(consumer_id(&r), Some("route-a"));
+    let r = select(&service, "bare-key", "/auth", "/liste", None);
     assert_eq!(consumer_id(&r), Some("global-a"));
     assert_eq!(
         r.header("x-consumer-custom-id"),
@@ -526,7 +711,7 @@ consumers:
               input_cost_per_token: 5e-08
               output_cost_per_token: 0.0000002
 "#;
-    let service = Service::with_files("", seed);
+    let service = selecting("", seed);
     let r = select(&service, "fk", "/auth", "/x", Some("fmt-1"));
     assert_eq!(
         r.header("x-user-tags"),

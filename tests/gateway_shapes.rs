@@ -338,10 +338,21 @@ fn traefik_shape_client_forwarded_headers_cannot_move_the_decision() {
 
 #[test]
 fn traefik_shape_client_metadata_id_is_stripped_before_it_could_choose_the_entry() {
-    let service = Service::bundled();
+    // By default the service ignores X-Metadata-Id altogether (SPEC §4: selectors are opt-in).
+    let ignoring = Service::bundled();
+    let r = ignoring.get(
+        "/auth",
+        &[
+            ("apikey", ADMIN_KEY),
+            ("X-Forwarded-Uri", "/other"),
+            ("X-Metadata-Id", "azure-gpt4o"),
+        ],
+    );
+    assert_eq!(r.header("x-consumer-id"), Some("kt-midm-base"), "{r:?}");
+    let service = Service::bundled_with_env(&[("UMA_AUTH__ENTRY_SELECTORS", "header")]);
     let traefik = Traefik::load();
-    // What the service does with a client's X-Metadata-Id when it reaches it (SPEC §4 rule 3):
-    // on an unpinned path it chooses among the consumer's own entries...
+    // What a service that honours X-Metadata-Id does with a client's copy when it reaches it (SPEC
+    // §4 rule 3): on an unpinned path it chooses among the consumer's own entries...
     let direct = |key: &str, uri: &str, id: &str| {
         service.get(
             "/auth",
@@ -793,6 +804,7 @@ end
 kong = {
   request = {
     get_method = function() return CLIENT.method end,
+    get_host = function() return "kong.example" end,
     get_headers = function() return header_table(CLIENT.headers) end,
     get_header = function(name)
       local v = header_table(CLIENT.headers)[name]
@@ -975,7 +987,11 @@ fn kong_round_trip(service: &Service, call: &KongCall) -> (PluginRun, Response, 
 
 #[test]
 fn kong_plugin_round_trip_against_the_service() {
-    let service = Service::bundled();
+    // As deploy/kong/README.md runs it: Kong's headers, and the plugin's pin on the auth URL.
+    let service = Service::bundled_with_env(&[
+        ("UMA_AUTH__ORIGINAL_REQUEST", "original"),
+        ("UMA_AUTH__ENTRY_SELECTORS", "query"),
+    ]);
 
     // 1. Allowed: user1 on /midm-base/chat, with forged metadata headers and an X-Metadata-Id.
     let forged = [
@@ -1013,6 +1029,7 @@ fn kong_plugin_round_trip_against_the_service() {
     let mut sent = unreachable.pairs("SEND");
     sent.sort();
     let mut expected = owned(&[
+        ("X-Original-Host", "kong.example"),
         ("X-Original-Method", "POST"),
         ("X-Original-URI", "/midm-base/chat?stream=true"),
         ("apikey", USER1_KEY),

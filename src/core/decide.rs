@@ -1,35 +1,32 @@
-//! The decision: key → consumer → applicable list → entry, or the reason to refuse.
+//! The decision: request → routes → key → consumer → applicable list → entry, or a [`Refusal`].
 //!
-//! Pure functions over a loaded [`Catalog`]: no I/O, no clock, no allocation on the allow path beyond
-//! what request parsing did. The HTTP adapter turns the result into an answer; the counters adapter
-//! counts it.
+//! Pure functions over a loaded [`Catalog`]: no I/O, no clock. The HTTP adapter runs the steps in
+//! SPEC §4's order (it looks the consumer up between them, which may ask Redis), turns a refusal into
+//! an answer and counts an allowed call.
 
 use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
 use super::key::KeyHash;
 use super::model::{Consumer, Entry, MetadataList};
-use super::request::{AuthQuery, KeyPresence, OriginalRequest};
-use super::routes::{ConfigRoute, RouteTable, SeedRoute};
+use super::path::prefix_key;
+use super::refusal::{Forbidden, Refusal};
+use super::request::{AuthRequest, KeyPresence, OriginalRequest};
+use super::routes::{
+    Acl, ConfigRoute, KeyAuth, RoutePath, RouteTable, SeedMatch, SeedRoute, normalize_host,
+};
 
-/// Why a request is refused (SPEC §4 answer table).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Deny {
-    NoKey,
-    InvalidKey,
-    DuplicateKey,
-    Forbidden,
-    /// The key is in no local source and the metadata store cannot be asked.
-    Unavailable,
-}
-
-/// The routes and default lists that apply to every consumer.
+/// The routes, plugins and default list that apply to every consumer.
 #[derive(Debug, Default)]
 pub struct Policy {
     pub seed_routes: RouteTable<SeedRoute>,
     pub config_routes: RouteTable<ConfigRoute>,
     /// The global `user-metadata` plugin's list.
     pub global: Option<Arc<MetadataList>>,
+    /// Unscoped top-level `acl` and `key-auth`: for URIs that match no seed route (routes carry
+    /// them already, when nothing more specific applies).
+    pub global_acl: Option<Acl>,
+    pub global_key_auth: Option<KeyAuth>,
 }
 
 /// Everything loaded from the seed and config: consumers by key digest, and the policy.
@@ -42,18 +39,10 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Indexes consumers by key digest and routes by prefix. Seed and config are already validated.
-    pub fn new(
-        consumers: Vec<(Arc<Consumer>, Vec<KeyHash>)>,
-        seed_routes: Vec<(SeedRoute, Vec<String>)>,
-        config_routes: Vec<ConfigRoute>,
-        global: Option<Arc<MetadataList>>,
-    ) -> Catalog {
+    /// Indexes consumers by key digest. Seed and config are already validated.
+    pub fn new(consumers: Vec<(Arc<Consumer>, Vec<KeyHash>)>, policy: Policy) -> Catalog {
         let mut catalog = Catalog {
-            policy: Policy {
-                global,
-                ..Policy::default()
-            },
+            policy,
             ..Catalog::default()
         };
         for (consumer, keys) in consumers {
@@ -65,39 +54,153 @@ impl Catalog {
                 .insert(consumer.username.clone(), consumer.clone());
             catalog.consumers.push(consumer);
         }
-        for (route, prefixes) in seed_routes {
-            catalog.policy.seed_routes.insert(route, &prefixes);
-        }
-        for route in config_routes {
-            let prefix = vec![route.prefix.clone()];
-            catalog.policy.config_routes.insert(route, &prefix);
-        }
         catalog
     }
 
-    pub fn entry_count(&self) -> usize {
-        let mut lists: Vec<&Arc<MetadataList>> = self
-            .consumers
+    /// Every metadata list: the consumers' own, the seed routes' (in seed order), the global one.
+    pub fn lists(&self) -> impl Iterator<Item = &Arc<MetadataList>> {
+        self.consumers
             .iter()
             .filter_map(|c| c.metadata.as_ref())
-            .collect();
-        lists.extend(self.policy.global.as_ref());
-        lists.iter().map(|l| l.entries().len()).sum()
+            .chain(
+                self.policy
+                    .seed_routes
+                    .routes()
+                    .filter_map(|r| r.metadata.as_ref()),
+            )
+            .chain(self.policy.global.as_ref())
+    }
+
+    pub fn entry_count(&self) -> usize {
+        self.lists().map(|l| l.entries().len()).sum()
+    }
+
+    /// Whether some list holds an entry with this id.
+    pub fn has_entry(&self, id: &str) -> bool {
+        self.lists().any(|l| l.find(id).is_some())
     }
 }
 
 /// What the request's routes say about it.
+#[derive(Debug)]
 pub struct RouteMatch<'p> {
-    pub seed: Option<&'p SeedRoute>,
+    pub seed: SeedMatch<'p>,
+    /// The seed routes a plain reading of the path falls under, when they are others: their ACL
+    /// and key-auth apply too.
+    pub plain_seed: Vec<&'p SeedRoute>,
     pub config: Option<&'p ConfigRoute>,
+    /// Likewise for config routes: the plain reading's route adds its groups, not its pin.
+    pub plain_config: Option<&'p ConfigRoute>,
+}
+
+impl<'p> RouteMatch<'p> {
+    /// The seed routes whose `acl` and `key-auth` must allow the call.
+    fn seed_routes(&self) -> impl Iterator<Item = &'p SeedRoute> + '_ {
+        let primary: &[&'p SeedRoute] = match &self.seed {
+            SeedMatch::Route(route) => std::slice::from_ref(route),
+            SeedMatch::Excluded(routes) => routes,
+            SeedMatch::None | SeedMatch::UnknownName => &[],
+        };
+        primary.iter().chain(&self.plain_seed).copied()
+    }
+
+    /// The route whose list applies to consumers without their own.
+    fn list_route(&self) -> Option<&'p SeedRoute> {
+        match self.seed {
+            SeedMatch::Route(route) => Some(route),
+            _ => None,
+        }
+    }
 }
 
 impl Policy {
-    pub fn route_match(&self, original: &OriginalRequest) -> RouteMatch<'_> {
-        RouteMatch {
-            seed: self.seed_routes.find(&original.path, original.method),
-            config: self.config_routes.find(&original.path, original.method),
+    /// Indexes the seed's routes (with their paths) and the config's routes (by prefix).
+    pub fn build(
+        seed_routes: Vec<(SeedRoute, Vec<(RoutePath, usize)>)>,
+        config_routes: Vec<ConfigRoute>,
+    ) -> Policy {
+        let mut policy = Policy::default();
+        for (route, paths) in seed_routes {
+            policy.seed_routes.insert(route, &paths);
         }
+        for route in config_routes {
+            let prefix = (
+                RoutePath::Prefix(prefix_key(&route.prefix)),
+                route.prefix.len(),
+            );
+            policy.config_routes.insert(route, &[prefix]);
+        }
+        policy
+    }
+
+    /// Matches both route sets (SPEC §5). `route_name` is a trusted `X-Uma-Route`.
+    pub fn route_match(
+        &self,
+        original: &OriginalRequest,
+        route_name: Option<&str>,
+    ) -> RouteMatch<'_> {
+        let host = original.host.map(normalize_host);
+        let select = |path: &str| {
+            self.seed_routes
+                .select(path, original.method, host.as_deref())
+        };
+        let seed = match route_name {
+            Some(name) => self.seed_routes.named(name),
+            None => select(&original.path),
+        };
+        let plain_seed = match (route_name, original.plain_path.as_deref().map(select)) {
+            (None, Some(SeedMatch::Route(plain))) => vec![plain],
+            (None, Some(SeedMatch::Excluded(plain))) => plain,
+            _ => Vec::new(),
+        }
+        .into_iter()
+        .filter(|plain| !seed_holds(&seed, plain))
+        .collect();
+        let config = self.config_routes.find(&original.path);
+        let plain_config = original
+            .plain_path
+            .as_deref()
+            .and_then(|p| self.config_routes.find(p))
+            .filter(|plain| !config.is_some_and(|c| std::ptr::eq(c, *plain)));
+        RouteMatch {
+            seed,
+            plain_seed,
+            config,
+            plain_config,
+        }
+    }
+
+    /// The `key-auth` plugins that apply (empty: the default key locations).
+    pub fn key_auths<'a>(&'a self, routes: &RouteMatch<'a>) -> Vec<&'a KeyAuth> {
+        let mut found: Vec<&KeyAuth> = Vec::new();
+        let no_route = matches!(routes.seed, SeedMatch::None | SeedMatch::UnknownName);
+        let global = no_route.then_some(self.global_key_auth.as_ref()).flatten();
+        for key_auth in routes
+            .seed_routes()
+            .filter_map(|r| r.key_auth.as_ref())
+            .chain(global)
+        {
+            if !found.contains(&key_auth) {
+                found.push(key_auth);
+            }
+        }
+        found
+    }
+
+    /// Whether every ACL that applies lets the consumer through (SPEC §5: both route sets).
+    pub fn acl_permits(&self, consumer: &Consumer, routes: &RouteMatch) -> bool {
+        let no_route = matches!(routes.seed, SeedMatch::None | SeedMatch::UnknownName);
+        let global = no_route.then_some(self.global_acl.as_ref()).flatten();
+        routes
+            .seed_routes()
+            .filter_map(|r| r.acl.as_ref())
+            .chain(global)
+            .all(|acl| acl.permits(consumer))
+            && routes
+                .config
+                .into_iter()
+                .chain(routes.plain_config)
+                .all(|r| r.acl.permits(consumer))
     }
 
     /// The consumer's own list, else the route's, else the global one (Kong's plugin precedence).
@@ -109,68 +212,77 @@ impl Policy {
         consumer
             .metadata
             .as_ref()
-            .or_else(|| routes.seed.and_then(|r| r.metadata.as_ref()))
+            .or_else(|| routes.list_route().and_then(|r| r.metadata.as_ref()))
             .or(self.global.as_ref())
     }
 
-    /// Every list that could describe an entry for this consumer, in Kong precedence.
-    pub fn lists_in_precedence<'a>(
+    /// Lists that describe an entry id shown by `/api/tdl-matrix` (SPEC §6): the consumer's own,
+    /// then the seed routes' in seed order, then the global one.
+    pub fn describing_lists<'a>(
         &'a self,
         consumer: &'a Consumer,
-        routes: &RouteMatch<'a>,
-    ) -> Vec<&'a Arc<MetadataList>> {
-        let mut lists: Vec<&Arc<MetadataList>> = Vec::with_capacity(3);
-        lists.extend(consumer.metadata.as_ref());
-        lists.extend(routes.seed.and_then(|r| r.metadata.as_ref()));
-        lists.extend(self.global.as_ref());
-        lists
+    ) -> impl Iterator<Item = &'a Arc<MetadataList>> {
+        consumer
+            .metadata
+            .iter()
+            .chain(
+                self.seed_routes
+                    .routes()
+                    .filter_map(|r| r.metadata.as_ref()),
+            )
+            .chain(self.global.as_ref())
     }
 }
 
-/// Whether both matched routes' ACLs let the consumer through.
-pub fn acl_permits(consumer: &Consumer, routes: &RouteMatch) -> bool {
-    routes.seed.is_none_or(|r| r.acl.permits(consumer))
-        && routes.config.is_none_or(|r| r.acl.permits(consumer))
+fn seed_holds(seed: &SeedMatch, route: &SeedRoute) -> bool {
+    match seed {
+        SeedMatch::Route(r) => std::ptr::eq(*r, route),
+        SeedMatch::Excluded(rs) => rs.iter().any(|r| std::ptr::eq(*r, route)),
+        SeedMatch::None | SeedMatch::UnknownName => false,
+    }
 }
 
 /// Key presence → the digest to look up. The plain key goes no further than this.
-pub fn presented_key(key: &KeyPresence) -> Result<KeyHash, Deny> {
+pub fn presented_key(key: &KeyPresence) -> Result<KeyHash, Refusal> {
     match key {
-        KeyPresence::Missing => Err(Deny::NoKey),
-        KeyPresence::Duplicate => Err(Deny::DuplicateKey),
+        KeyPresence::Missing => Err(Refusal::NoKey),
+        KeyPresence::Duplicate => Err(Refusal::DuplicateKey),
         KeyPresence::Found(plain) => Ok(KeyHash::of(plain)),
     }
 }
 
-/// Consumer + request → the entry whose headers are sent, per the selection rules of SPEC §4.
+/// Consumer + request → the entry whose headers are sent: the 403 checks of SPEC §4 in order
+/// (unknown route name, ACLs, entitlement), then the selection rules.
 pub fn authorize<'a>(
     policy: &'a Policy,
     consumer: &'a Consumer,
-    query: &AuthQuery,
-) -> Result<&'a Arc<Entry>, Deny> {
-    let routes = policy.route_match(&query.original);
-    if !acl_permits(consumer, &routes) {
-        return Err(Deny::Forbidden);
+    request: &AuthRequest,
+    routes: &RouteMatch<'a>,
+) -> Result<&'a Arc<Entry>, Refusal> {
+    if matches!(routes.seed, SeedMatch::UnknownName) {
+        return Err(Refusal::Forbidden(Forbidden::UnknownRoute));
+    }
+    if !policy.acl_permits(consumer, routes) {
+        return Err(Refusal::Forbidden(Forbidden::Acl));
     }
     let list = policy
-        .applicable_list(consumer, &routes)
-        .ok_or(Deny::Forbidden)?;
+        .applicable_list(consumer, routes)
+        .ok_or(Refusal::Forbidden(Forbidden::Entitlement))?;
     let pinned = routes.config.and_then(|r| r.metadata_id.as_deref());
-    let chosen = match pinned.or(query.requested_id.as_deref()) {
+    let chosen = match pinned.or(request.requested_id.as_deref()) {
         Some(id) => list.find(id),
         None => list.first(),
     };
-    chosen.ok_or(Deny::Forbidden)
+    chosen.ok_or(Refusal::Forbidden(Forbidden::Entitlement))
 }
 
 #[cfg(test)]
 mod tests {
-    use std::borrow::Cow;
+    use http::{HeaderMap, Method, Uri};
 
     use super::*;
     use crate::core::model::tests::sample_fields;
-    use crate::core::path::normalize;
-    use crate::core::routes::Acl;
+    use crate::core::request::{ReadRules, read_auth};
 
     fn list(ids: &[&str]) -> Arc<MetadataList> {
         Arc::new(MetadataList::new(
@@ -190,41 +302,52 @@ mod tests {
         .unwrap()
     }
 
+    fn paths(ps: &[&str]) -> Vec<(RoutePath, usize)> {
+        ps.iter()
+            .map(|p| (RoutePath::parse(p).unwrap(), p.len()))
+            .collect()
+    }
+
+    fn allow(groups: &[&str]) -> Option<Acl> {
+        Some(Acl {
+            allow: groups.iter().map(|g| g.to_string()).collect(),
+            deny: vec![],
+        })
+    }
+
     fn policy() -> Policy {
         let mut policy = Policy {
             global: Some(list(&["global-1"])),
             ..Policy::default()
         };
-        policy.seed_routes.insert(
+        let seed = &mut policy.seed_routes;
+        seed.insert(
             SeedRoute {
                 name: "gpt4o".into(),
                 methods: vec!["POST".into()],
-                acl: Acl {
-                    allow: vec!["openai-allowed".into()],
-                    deny: vec![],
-                },
-                metadata: None,
+                acl: allow(&["openai-allowed"]),
+                ..SeedRoute::default()
             },
-            &["/gpt4o/chat".into()],
+            &paths(&["/gpt4o/chat"]),
         );
-        policy.seed_routes.insert(
+        seed.insert(
             SeedRoute {
                 name: "api".into(),
                 metadata: Some(list(&["route-1", "route-2"])),
                 ..SeedRoute::default()
             },
-            &["/api/user-metadata".into()],
+            &paths(&["/api/user-metadata"]),
         );
-        policy.seed_routes.insert(
+        seed.insert(
             SeedRoute {
                 name: "blocked".into(),
-                acl: Acl {
+                acl: Some(Acl {
                     allow: vec![],
                     deny: vec!["banned".into()],
-                },
+                }),
                 ..SeedRoute::default()
             },
-            &["/blocked".into()],
+            &paths(&["/blocked/"]),
         );
         policy.config_routes.insert(
             ConfigRoute {
@@ -232,32 +355,17 @@ mod tests {
                 metadata_id: Some("azure-gpt4o".into()),
                 acl: Acl::default(),
             },
-            &["/gpt4o/".into()],
+            &paths(&["/gpt4o/"]),
         );
         policy.config_routes.insert(
             ConfigRoute {
                 prefix: "/vip".into(),
                 metadata_id: None,
-                acl: Acl {
-                    allow: vec!["vip".into()],
-                    deny: vec![],
-                },
+                acl: allow(&["vip"]).unwrap_or_default(),
             },
-            &["/vip".into()],
+            &paths(&["/vip"]),
         );
         policy
-    }
-
-    fn query<'a>(path: &'a str, requested: Option<&'a str>) -> AuthQuery<'a> {
-        AuthQuery {
-            original: OriginalRequest {
-                path: normalize(path),
-                query: None,
-                method: "POST",
-            },
-            key: KeyPresence::Missing,
-            requested_id: requested.map(Cow::Borrowed),
-        }
     }
 
     fn chosen(
@@ -265,9 +373,25 @@ mod tests {
         consumer: &Consumer,
         path: &str,
         requested: Option<&str>,
-    ) -> Result<String, Deny> {
-        authorize(policy, consumer, &query(path, requested)).map(|e| e.id.to_string())
+    ) -> Result<String, Refusal> {
+        let uri: Uri = "/auth".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-original-uri", path.parse().unwrap());
+        headers.insert("x-original-method", "POST".parse().unwrap());
+        if let Some(id) = requested {
+            headers.insert("x-metadata-id", id.parse().unwrap());
+        }
+        let rules = ReadRules {
+            header_selector: true,
+            ..ReadRules::default()
+        };
+        let request = read_auth(&uri, &Method::GET, &headers, "/auth", &rules)?;
+        let routes = policy.route_match(&request.original, None);
+        authorize(policy, consumer, &request, &routes).map(|e| e.id.to_string())
     }
+
+    const ACL: Refusal = Refusal::Forbidden(Forbidden::Acl);
+    const ENTITLEMENT: Refusal = Refusal::Forbidden(Forbidden::Entitlement);
 
     #[test]
     fn config_pin_wins_over_request() {
@@ -291,10 +415,7 @@ mod tests {
             chosen(&p, &admin, "/other", None),
             Ok("kt-midm-base".into())
         );
-        assert_eq!(
-            chosen(&p, &admin, "/other", Some("nope")),
-            Err(Deny::Forbidden)
-        );
+        assert_eq!(chosen(&p, &admin, "/other", Some("nope")), Err(ENTITLEMENT));
     }
 
     #[test]
@@ -318,7 +439,7 @@ mod tests {
         // A consumer's own list is the applicable one even when the route's list has the id.
         assert_eq!(
             chosen(&p, &own, "/api/user-metadata", Some("route-1")),
-            Err(Deny::Forbidden)
+            Err(ENTITLEMENT)
         );
     }
 
@@ -327,7 +448,7 @@ mod tests {
         let p = Policy::default();
         assert_eq!(
             chosen(&p, &consumer(&[], None), "/x", None),
-            Err(Deny::Forbidden)
+            Err(ENTITLEMENT)
         );
     }
 
@@ -335,23 +456,37 @@ mod tests {
     fn both_acls_apply() {
         let p = policy();
         let user1 = consumer(&["midm-allowed"], Some(&["kt-midm-base"]));
-        assert_eq!(
-            chosen(&p, &user1, "/gpt4o/chat", None),
-            Err(Deny::Forbidden)
-        );
-        assert_eq!(
-            chosen(&p, &user1, "/gpt4o/../gpt4o/%63hat", None),
-            Err(Deny::Forbidden)
-        );
-        assert_eq!(chosen(&p, &user1, "/vip/x", None), Err(Deny::Forbidden));
+        assert_eq!(chosen(&p, &user1, "/gpt4o/chat", None), Err(ACL));
+        assert_eq!(chosen(&p, &user1, "/gpt4o/../gpt4o/%63hat", None), Err(ACL));
+        assert_eq!(chosen(&p, &user1, "/GPT4O/chatter", None), Err(ACL));
+        assert_eq!(chosen(&p, &user1, "/vip/x", None), Err(ACL));
         let vip = consumer(&["vip"], Some(&["a"]));
         assert_eq!(chosen(&p, &vip, "/vip/x", None), Ok("a".into()));
         let banned = consumer(&["banned"], Some(&["a"]));
-        assert_eq!(
-            chosen(&p, &banned, "/blocked/y", None),
-            Err(Deny::Forbidden)
-        );
+        assert_eq!(chosen(&p, &banned, "/blocked/y", None), Err(ACL));
         assert_eq!(chosen(&p, &banned, "/blockedz", None), Ok("a".into()));
+    }
+
+    #[test]
+    fn the_plain_reading_adds_its_route_acl() {
+        let p = policy();
+        let user1 = consumer(&["midm-allowed"], Some(&["kt-midm-base"]));
+        // Normalized, this is /x; an upstream that does not remove dot segments reads /gpt4o/chat.
+        assert_eq!(chosen(&p, &user1, "/gpt4o/chat/../../x", None), Err(ACL));
+        assert_eq!(chosen(&p, &user1, "/vip/../x", None), Err(ACL));
+    }
+
+    #[test]
+    fn global_plugins_cover_uris_without_a_route() {
+        let mut p = policy();
+        p.global_acl = allow(&["everyone"]);
+        let user1 = consumer(&["midm-allowed"], Some(&["kt-midm-base"]));
+        assert_eq!(chosen(&p, &user1, "/elsewhere", None), Err(ACL));
+        let everyone = consumer(&["everyone"], Some(&["kt-midm-base"]));
+        assert_eq!(
+            chosen(&p, &everyone, "/elsewhere", None),
+            Ok("kt-midm-base".into())
+        );
     }
 
     #[test]
@@ -360,23 +495,21 @@ mod tests {
             presented_key(&KeyPresence::Found("k".into())),
             Ok(KeyHash::of("k"))
         );
-        assert_eq!(presented_key(&KeyPresence::Missing), Err(Deny::NoKey));
+        assert_eq!(presented_key(&KeyPresence::Missing), Err(Refusal::NoKey));
         assert_eq!(
             presented_key(&KeyPresence::Duplicate),
-            Err(Deny::DuplicateKey)
+            Err(Refusal::DuplicateKey)
         );
     }
 
     #[test]
-    fn catalog_indexes_keys_and_names() {
+    fn catalog_indexes_keys_names_and_every_list() {
         let c = Arc::new(consumer(&[], None));
-        let catalog = Catalog::new(
-            vec![(c.clone(), vec![KeyHash::of("k")])],
-            vec![],
-            vec![],
-            None,
-        );
+        let catalog = Catalog::new(vec![(c.clone(), vec![KeyHash::of("k")])], policy());
         assert!(Arc::ptr_eq(&catalog.by_key[&KeyHash::of("k")], &c));
         assert!(Arc::ptr_eq(&catalog.by_name["c"], &c));
+        assert_eq!(catalog.entry_count(), 3);
+        assert!(catalog.has_entry("route-2"));
+        assert!(!catalog.has_entry("azure-gpt4o"));
     }
 }

@@ -7,34 +7,7 @@
 
 use std::fmt::Write as _;
 
-/// A non-negative number from the seed, kept exact when it was written as an integer.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Number {
-    Int(u64),
-    Float(f64),
-}
-
-impl Number {
-    /// Appends the number in plain decimal: `5e-08` → `0.00000005`, `2.0` → `2`, `0` → `0`.
-    pub fn write_plain(&self, out: &mut String) {
-        match *self {
-            Number::Int(i) => {
-                let _ = write!(out, "{i}");
-            }
-            // Rust's `Display` for f64 prints the shortest round-tripping digits and never uses
-            // exponent notation; `+ 0.0` turns a stray `-0.0` into `0`.
-            Number::Float(f) => {
-                let _ = write!(out, "{}", f + 0.0);
-            }
-        }
-    }
-
-    pub fn to_plain(&self) -> String {
-        let mut out = String::new();
-        self.write_plain(&mut out);
-        out
-    }
-}
+use super::decimal::Decimal;
 
 /// Appends `s` as a JSON string literal that is pure ASCII: quotes, backslashes and control
 /// characters escaped, every non-ASCII character as `\uXXXX` (UTF-16 surrogate pairs above U+FFFF).
@@ -73,7 +46,7 @@ pub fn ascii_json_string_array(items: &[String]) -> String {
 }
 
 /// `[1,0.5,3]`: numbers in plain decimal.
-pub fn write_number_array(out: &mut String, items: &[Number]) {
+pub fn write_number_array(out: &mut String, items: &[Decimal]) {
     out.push('[');
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
@@ -87,32 +60,6 @@ pub fn write_number_array(out: &mut String, items: &[Number]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn plain(n: Number) -> String {
-        n.to_plain()
-    }
-
-    #[test]
-    fn costs_are_plain_decimal() {
-        assert_eq!(plain(Number::Float(5e-08)), "0.00000005");
-        assert_eq!(plain(Number::Float(1.5e-7)), "0.00000015");
-        assert_eq!(plain(Number::Float(6.0e-05)), "0.00006");
-        assert_eq!(plain(Number::Float(2.0)), "2");
-        assert_eq!(plain(Number::Float(0.0)), "0");
-        assert_eq!(plain(Number::Float(-0.0)), "0");
-        assert_eq!(plain(Number::Int(0)), "0");
-        assert_eq!(plain(Number::Float(0.0000002)), "0.0000002");
-        assert_eq!(plain(Number::Float(1e21)), "1000000000000000000000");
-    }
-
-    #[test]
-    fn large_integers_are_exact() {
-        assert_eq!(plain(Number::Int(u64::MAX)), "18446744073709551615");
-        assert_eq!(
-            plain(Number::Int(9_007_199_254_740_993)),
-            "9007199254740993"
-        );
-    }
 
     #[test]
     fn korean_tags_are_escaped() {
@@ -133,10 +80,8 @@ mod tests {
     #[test]
     fn number_arrays_have_no_fractions_for_integers() {
         let mut out = String::new();
-        write_number_array(
-            &mut out,
-            &[Number::Int(3), Number::Float(3.0), Number::Float(0.5)],
-        );
+        let numbers = ["3", "3.0", "0.5"].map(|t| Decimal::parse(t).unwrap());
+        write_number_array(&mut out, &numbers);
         assert_eq!(out, "[3,3,0.5]");
     }
 }

@@ -1,9 +1,11 @@
 //! The loaded metadata: consumers, their metadata entries and lists, with every header value of an
 //! allowed answer computed once at load time.
 //!
-//! A request only clones ready-made `HeaderValue`s (a reference-count increment each), so the hot path
-//! formats nothing. Values are validated before they get here (`seed::parse`); construction still
-//! refuses anything that cannot be a header value, so an invalid header can never be sent.
+//! A request only clones ready-made `HeaderValue`s (interned `'static` bytes, so a clone touches no
+//! shared reference count), so the hot path formats nothing. Construction is the one place that
+//! enforces what every header must satisfy — characters and the size budget under nginx's 4 KiB
+//! buffer — for seed consumers and Redis records alike, so an invalid or oversized answer can never
+//! be sent.
 
 use std::sync::Arc;
 
@@ -11,8 +13,10 @@ use bytes::Bytes;
 use http::header::CACHE_CONTROL;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use super::format::{Number, ascii_json_string_array, write_ascii_json_string, write_number_array};
+use super::decimal::Decimal;
+use super::format::{ascii_json_string_array, write_ascii_json_string, write_number_array};
 use super::intern::intern;
+use super::text::is_printable_ascii;
 
 /// The twelve header names of an allowed answer, in the order the SPEC lists them.
 pub const METADATA_HEADER_NAMES: [&str; 12] = [
@@ -33,18 +37,24 @@ pub const METADATA_HEADER_NAMES: [&str; 12] = [
 /// Number of slots in a day (`T1`..`T12`).
 pub const SLOTS: usize = 12;
 
+/// Header values of one entry: with the identity headers, the names and the answer's other fields
+/// (RateLimit, later) they stay well under nginx's default 4 KiB `proxy_buffer_size`.
+pub const MAX_ENTRY_HEADER_BYTES: usize = 2560;
+/// Header values of a consumer's identity (username, custom_id, groups).
+pub const MAX_IDENTITY_HEADER_BYTES: usize = 512;
+
 /// The fields of one `metadata_list` entry, as written in the seed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EntryFields {
     pub id: String,
     pub provider_name: String,
     pub tags: Vec<String>,
-    pub tdl_matrix: [Vec<Number>; SLOTS],
+    pub tdl_matrix: [Vec<Decimal>; SLOTS],
     pub capabilities: Vec<u8>,
     pub max_input_tokens: u64,
     pub max_output_tokens: u64,
-    pub input_cost_per_token: Number,
-    pub output_cost_per_token: Number,
+    pub input_cost_per_token: Decimal,
+    pub output_cost_per_token: Decimal,
 }
 
 /// A metadata entry with its precomputed header values and JSON forms.
@@ -63,10 +73,31 @@ pub struct Entry {
     json: String,
 }
 
-/// Why a value cannot be sent as a header.
+/// Why an entry or a consumer cannot be answered with.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InvalidHeader {
-    pub header: &'static str,
+pub enum InvalidHeader {
+    /// A value that cannot be a header value.
+    Characters { header: &'static str },
+    /// The entry's headers would take this many bytes.
+    EntryTooLarge(usize),
+    /// The identity headers would take this many bytes.
+    IdentityTooLarge(usize),
+}
+
+impl std::fmt::Display for InvalidHeader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InvalidHeader::Characters { header } => write!(f, "cannot be sent as header {header}"),
+            InvalidHeader::EntryTooLarge(bytes) => write!(
+                f,
+                "headers would take {bytes} bytes; at most {MAX_ENTRY_HEADER_BYTES} fit a gateway's header buffer"
+            ),
+            InvalidHeader::IdentityTooLarge(bytes) => write!(
+                f,
+                "username, custom_id and groups take {bytes} bytes of headers; at most {MAX_IDENTITY_HEADER_BYTES} fit"
+            ),
+        }
+    }
 }
 
 fn header_value(
@@ -74,14 +105,15 @@ fn header_value(
     text: impl Into<Bytes>,
 ) -> Result<HeaderValue, InvalidHeader> {
     let bytes: Bytes = text.into();
-    if !bytes.iter().all(|b| (0x20..0x7f).contains(b)) {
-        return Err(InvalidHeader { header });
+    let invalid = || InvalidHeader::Characters { header };
+    if !bytes.iter().all(|&b| is_printable_ascii(b)) {
+        return Err(invalid());
     }
-    HeaderValue::from_maybe_shared(Bytes::from_static(intern(&bytes)))
-        .map_err(|_| InvalidHeader { header })
+    HeaderValue::from_maybe_shared(Bytes::from_static(intern(&bytes))).map_err(|_| invalid())
 }
 
 impl Entry {
+    /// Builds an entry, refusing one whose headers could not be sent or would not fit.
     pub fn new(fields: EntryFields) -> Result<Entry, InvalidHeader> {
         let tdl_json = Bytes::from(tdl_matrix_json(&fields.tdl_matrix));
         let capabilities = format!(
@@ -119,6 +151,10 @@ impl Entry {
                 ascii_json_string_array(&fields.tags),
             )?,
         ];
+        let bytes: usize = headers.iter().map(HeaderValue::len).sum();
+        if bytes > MAX_ENTRY_HEADER_BYTES {
+            return Err(InvalidHeader::EntryTooLarge(bytes));
+        }
         let json = entry_json(&fields, &tdl_json, &headers[1]);
         Ok(Entry {
             id: Arc::from(fields.id.as_str()),
@@ -177,7 +213,7 @@ fn answer_headers(values: &[HeaderValue; 9]) -> HeaderMap {
     map
 }
 
-fn tdl_matrix_json(matrix: &[Vec<Number>; SLOTS]) -> String {
+fn tdl_matrix_json(matrix: &[Vec<Decimal>; SLOTS]) -> String {
     let mut out = String::from("{");
     for (slot, values) in matrix.iter().enumerate() {
         if slot > 0 {
@@ -266,6 +302,7 @@ pub struct Consumer {
 }
 
 impl Consumer {
+    /// Builds a consumer, refusing one whose identity headers could not be sent or would not fit.
     pub fn new(
         username: String,
         custom_id: Option<String>,
@@ -280,6 +317,10 @@ impl Consumer {
             )?,
             header_value(METADATA_HEADER_NAMES[11], groups.join(", "))?,
         ];
+        let bytes: usize = identity.iter().map(HeaderValue::len).sum();
+        if bytes > MAX_IDENTITY_HEADER_BYTES {
+            return Err(InvalidHeader::IdentityTooLarge(bytes));
+        }
         let own_answers = metadata
             .iter()
             .flat_map(|list| list.entries())
@@ -326,18 +367,10 @@ pub(crate) mod tests {
     use super::*;
 
     pub fn sample_fields(id: &str) -> EntryFields {
-        let row = vec![
-            Number::Int(0),
-            Number::Int(0),
-            Number::Int(0),
-            Number::Int(0),
-            Number::Int(0),
-            Number::Int(3),
-            Number::Int(0),
-            Number::Int(0),
-            Number::Int(0),
-            Number::Int(0),
-        ];
+        let row: Vec<Decimal> = [0, 0, 0, 0, 0, 3, 0, 0, 0, 0]
+            .into_iter()
+            .map(Decimal::from_int)
+            .collect();
         EntryFields {
             id: id.to_owned(),
             provider_name: "kt".to_owned(),
@@ -346,8 +379,8 @@ pub(crate) mod tests {
             capabilities: vec![1, 1, 0, 0, 0],
             max_input_tokens: 50000,
             max_output_tokens: 20000,
-            input_cost_per_token: Number::Float(5e-8),
-            output_cost_per_token: Number::Float(2e-7),
+            input_cost_per_token: Decimal::parse("5e-08").unwrap(),
+            output_cost_per_token: Decimal::parse("0.0000002").unwrap(),
         }
     }
 
@@ -414,6 +447,24 @@ pub(crate) mod tests {
     fn control_characters_never_reach_a_header() {
         let mut fields = sample_fields("x");
         fields.provider_name = "k\nt".into();
-        assert_eq!(Entry::new(fields).unwrap_err().header, "x-user-provider");
+        assert_eq!(
+            Entry::new(fields).unwrap_err(),
+            InvalidHeader::Characters {
+                header: "x-user-provider"
+            }
+        );
+    }
+
+    #[test]
+    fn oversized_answers_are_refused_by_the_constructors() {
+        let mut fields = sample_fields("x");
+        fields.tags = (0..400).map(|i| format!("tag-{i}")).collect();
+        assert!(matches!(
+            Entry::new(fields),
+            Err(InvalidHeader::EntryTooLarge(_))
+        ));
+        let groups = (0..300).map(|i| format!("group-{i}")).collect();
+        let consumer = Consumer::new("u".into(), None, groups, None);
+        assert!(matches!(consumer, Err(InvalidHeader::IdentityTooLarge(_))));
     }
 }

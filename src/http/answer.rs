@@ -1,7 +1,7 @@
 //! Building answers: the decision table of SPEC §4 and the JSON bodies of the other endpoints.
 //!
-//! Every answer carries `Cache-Control: no-store`. Deny bodies and their headers are static; an allow
-//! answer clones twelve precomputed header values.
+//! Every answer carries `Cache-Control: no-store`. A refusal's body and headers follow from the
+//! refusal alone; an allow answer clones twelve precomputed header values.
 
 use std::sync::Arc;
 
@@ -10,12 +10,11 @@ use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTI
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::core::{Consumer, Deny, Entry};
+use crate::core::{Consumer, Entry, Refusal};
 
 pub type Body = Full<Bytes>;
 
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
-const JSON: HeaderValue = HeaderValue::from_static("application/json");
 const KEY_REALM: HeaderValue = HeaderValue::from_static("Key realm=\"user-metadata-auth\"");
 
 /// 200 with the twelve metadata headers and an empty body (keeps nginx and Caddy connections alive).
@@ -25,30 +24,11 @@ pub fn allow(consumer: &Consumer, entry: &Arc<Entry>) -> Response<Body> {
     response
 }
 
-pub fn deny(reason: Deny) -> Response<Body> {
-    let (status, message) = match reason {
-        Deny::NoKey => (
-            StatusCode::UNAUTHORIZED,
-            r#"{"message":"No API key found in request"}"#,
-        ),
-        Deny::InvalidKey => (
-            StatusCode::UNAUTHORIZED,
-            r#"{"message":"Invalid authentication credentials"}"#,
-        ),
-        Deny::DuplicateKey => (
-            StatusCode::UNAUTHORIZED,
-            r#"{"message":"Duplicate API key found"}"#,
-        ),
-        Deny::Forbidden => (
-            StatusCode::FORBIDDEN,
-            r#"{"message":"You cannot consume this service"}"#,
-        ),
-        Deny::Unavailable => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            r#"{"message":"Metadata store unavailable"}"#,
-        ),
-    };
-    let mut response = json(status, Bytes::from_static(message.as_bytes()));
+/// The answer to a refusal (SPEC §4): its status, its JSON message, and the headers it needs.
+pub fn refuse(refusal: &Refusal) -> Response<Body> {
+    let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::FORBIDDEN);
+    let body = format!("{{\"message\":\"{}\"}}", refusal.message());
+    let mut response = json(status, body);
     let headers = response.headers_mut();
     match status {
         StatusCode::UNAUTHORIZED => {
@@ -63,12 +43,7 @@ pub fn deny(reason: Deny) -> Response<Body> {
 }
 
 pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut response = Response::new(Body::new(body.into()));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(CACHE_CONTROL, NO_STORE);
-    headers.insert(CONTENT_TYPE, JSON);
-    response
+    text(status, "application/json", body)
 }
 
 pub fn text(
@@ -78,10 +53,9 @@ pub fn text(
 ) -> Response<Body> {
     let mut response = Response::new(Body::new(body.into()));
     *response.status_mut() = status;
-    response.headers_mut().insert(CACHE_CONTROL, NO_STORE);
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    let headers = response.headers_mut();
+    headers.insert(CACHE_CONTROL, NO_STORE);
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 

@@ -3,7 +3,8 @@
 //!
 //! Only the request head is used; no body is ever read (nginx may announce one and send nothing).
 //! A decision awaits nothing on the hot path: the key is usually answered from the in-process cache,
-//! and only `sync` counting waits for Redis (bounded by the command timeout).
+//! and only `sync` counting waits for Redis (bounded by the command timeout). Each endpoint returns
+//! `Result<Response, Refusal>`; [`answer::refuse`] is the one place a refusal becomes an answer.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -16,10 +17,12 @@ use http::request::Parts;
 use http::{Method, Response, StatusCode};
 
 use super::answer::{self, Body};
-use crate::core::decide::{Catalog, RouteMatch, acl_permits};
+use subtle::ConstantTimeEq;
+
+use crate::core::decide::{Catalog, RouteMatch};
 use crate::core::format::write_ascii_json_string;
-use crate::core::request::{AuthQuery, parse_api, parse_auth};
-use crate::core::{Consumer, Deny, authorize, presented_key};
+use crate::core::request::{AuthRequest, KeyPresence, ReadRules, read_api, read_auth};
+use crate::core::{Consumer, Forbidden, Refusal, authorize, presented_key};
 use crate::lookup::{Resolution, Resolver};
 use crate::metrics::{Endpoint, Metrics, Outcome};
 use crate::store::RedisStore;
@@ -35,6 +38,10 @@ pub struct App {
     pub counters: Arc<TdlCounters>,
     pub store: Option<Arc<RedisStore>>,
     pub metrics: Metrics,
+    /// How `/auth` requests are read (`[auth]`).
+    pub rules: ReadRules,
+    /// `auth.gateway_secret`: `/auth` needs `X-Uma-Gateway` with it.
+    pub gateway_secret: Option<Box<[u8]>>,
     pub timezone_name: String,
     /// Longest time a `sync` call waits for its increment to reach Redis.
     pub sync_wait: Duration,
@@ -47,7 +54,7 @@ impl App {
         let started = Instant::now();
         let path = request.uri.path();
         let (endpoint, outcome, response) = if path == "/auth" || path.starts_with("/auth/") {
-            let (outcome, response) = self.auth(request).await;
+            let (outcome, response) = answered(self.auth(request).await);
             (Endpoint::Auth, outcome, response)
         } else {
             match path {
@@ -75,36 +82,55 @@ impl App {
     async fn consumer<'c>(
         &self,
         catalog: &'c Catalog,
-        query: &AuthQuery<'_>,
-    ) -> Result<Cow<'c, Arc<Consumer>>, Deny> {
-        let key = presented_key(&query.key)?;
+        key: &KeyPresence<'_>,
+    ) -> Result<Cow<'c, Arc<Consumer>>, Refusal> {
+        let key = presented_key(key)?;
         match self.resolver.resolve(catalog, key).await {
             Resolution::Consumer(consumer) => Ok(consumer),
-            Resolution::Unknown => Err(Deny::InvalidKey),
-            Resolution::Unavailable => Err(Deny::Unavailable),
+            Resolution::Unknown => Err(Refusal::InvalidKey),
+            Resolution::Unavailable => Err(Refusal::Unavailable),
         }
     }
 
-    async fn auth(&self, request: &Parts) -> (Outcome, Response<Body>) {
-        let query = parse_auth(&request.uri, &request.method, &request.headers);
+    /// `/auth`: the checks of SPEC §4 in their order, then the count.
+    async fn auth(&self, parts: &Parts) -> Result<Response<Body>, Refusal> {
+        let request = read_auth(
+            &parts.uri,
+            &parts.method,
+            &parts.headers,
+            "/auth",
+            &self.rules,
+        )?;
+        self.check_gateway(&request)?;
         // A guard, not a clone: bumping the shared reference count on every request would bounce
         // its cache line between the worker threads.
         let catalog = self.catalog.load();
-        let consumer = match self.consumer(&catalog, &query).await {
-            Ok(consumer) => consumer,
-            Err(reason) => return denied(reason, &query),
-        };
-        let entry = match authorize(&catalog.policy, &consumer, &query) {
-            Ok(entry) => entry,
-            Err(reason) => return denied(reason, &query),
-        };
+        let routes = catalog
+            .policy
+            .route_match(&request.original, request.route_name);
+        let key = request.key(&catalog.policy.key_auths(&routes));
+        let consumer = self.consumer(&catalog, &key).await?;
+        let entry = authorize(&catalog.policy, &consumer, &request, &routes)?;
         if let Some(stored) = self.counters.record(&consumer.username, &entry.id) {
             // Sync mode: answer once Redis has the increment, or when it cannot have it soon
             // (then it stays buffered and the call is still allowed).
             let _ = tokio::time::timeout(self.sync_wait, stored).await;
         }
-        tracing::debug!(consumer = %consumer.username, entry = %entry.id, path = %query.original.path, "allow");
-        (Outcome::Allow, answer::allow(&consumer, entry))
+        tracing::debug!(consumer = %consumer.username, entry = %entry.id, path = %request.original.path, "allow");
+        Ok(answer::allow(&consumer, entry))
+    }
+
+    /// `auth.gateway_secret`: compared in constant time, so timing tells nothing about it.
+    fn check_gateway(&self, request: &AuthRequest) -> Result<(), Refusal> {
+        let Some(secret) = &self.gateway_secret else {
+            return Ok(());
+        };
+        let given = request.gateway_token.unwrap_or_default();
+        if bool::from(given.ct_eq(secret)) {
+            Ok(())
+        } else {
+            Err(Refusal::UnknownGateway)
+        }
     }
 
     async fn api(
@@ -123,28 +149,38 @@ impl App {
                 );
             }
         }
-        let query = parse_api(&request.uri, &request.method, &request.headers);
+        let (outcome, response) = answered(self.api_answer(request, endpoint).await);
+        (endpoint, outcome, response)
+    }
+
+    /// `/api/user-metadata` and `/api/tdl-matrix`: the request itself is the original one, so a
+    /// route on these paths applies its ACL and list as in the seed document.
+    async fn api_answer(
+        &self,
+        parts: &Parts,
+        endpoint: Endpoint,
+    ) -> Result<Response<Body>, Refusal> {
+        let request = read_api(&parts.uri, &parts.method, &parts.headers)?;
         let catalog = self.catalog.load_full();
-        let denied = |reason| (endpoint, Outcome::Denied(reason), answer::deny(reason));
-        let consumer = match self.consumer(&catalog, &query).await {
-            Ok(consumer) => consumer,
-            Err(reason) => return denied(reason),
-        };
-        let routes = catalog.policy.route_match(&query.original);
-        if !acl_permits(&consumer, &routes) {
-            return denied(Deny::Forbidden);
+        let routes = catalog.policy.route_match(&request.original, None);
+        let key = request.key(&catalog.policy.key_auths(&routes));
+        let consumer = self.consumer(&catalog, &key).await?;
+        if matches!(routes.seed, crate::core::routes::SeedMatch::UnknownName)
+            || !catalog.policy.acl_permits(&consumer, &routes)
+        {
+            return Err(Refusal::Forbidden(Forbidden::Acl));
         }
         let body = match endpoint {
-            Endpoint::TdlMatrix => match self.tdl_matrix_json(&catalog, &consumer, &routes).await {
-                Some(body) => body,
-                None => return denied(Deny::Unavailable),
-            },
+            Endpoint::TdlMatrix => self
+                .tdl_matrix_json(&catalog, &consumer, &routes)
+                .await
+                .ok_or(Refusal::Unavailable)?,
             _ => catalog
                 .policy
                 .applicable_list(&consumer, &routes)
                 .map_or_else(|| "[]".to_owned(), |l| l.json()),
         };
-        (endpoint, Outcome::Allow, answer::json(StatusCode::OK, body))
+        Ok(answer::json(StatusCode::OK, body))
     }
 
     /// Today's usage for the consumer: the applicable list's entries, then any other entry used
@@ -166,7 +202,7 @@ impl App {
             .await
             .ok()?;
         usage[known.len()..].sort_by(|a, b| a.0.cmp(&b.0));
-        let lists = catalog.policy.lists_in_precedence(consumer, routes);
+        let lists: Vec<_> = catalog.policy.describing_lists(consumer).collect();
         let mut out = String::from("{\"timezone\":");
         write_ascii_json_string(&mut out, &self.timezone_name);
         let _ = write!(
@@ -213,9 +249,15 @@ impl App {
     }
 }
 
-fn denied(reason: Deny, query: &AuthQuery) -> (Outcome, Response<Body>) {
-    tracing::debug!(?reason, path = %query.original.path, "deny");
-    (Outcome::Denied(reason), answer::deny(reason))
+/// A decision's result as its metrics outcome and its answer.
+fn answered(result: Result<Response<Body>, Refusal>) -> (Outcome, Response<Body>) {
+    match result {
+        Ok(response) => (Outcome::Allow, response),
+        Err(refusal) => {
+            tracing::debug!(?refusal, "refused");
+            (Outcome::refused(&refusal), answer::refuse(&refusal))
+        }
+    }
 }
 
 fn probe(

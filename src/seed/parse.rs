@@ -1,23 +1,24 @@
-//! The seed schema (SPEC §3), checked by hand over the position-aware YAML tree.
+//! The seed schema (SPEC §3, §5), checked by hand over the position-aware YAML tree.
 //!
 //! Kong's declarative format is read loosely where Kong is loose (unknown top-level sections, other
-//! plugins and fields are ignored) and strictly inside `user-metadata`, whose fields end up in
-//! headers. Every problem is collected with its line and field path; nothing is returned unless the
-//! whole document is valid.
+//! plugins and fields are ignored) and strictly where a mistake would change who gets in: inside
+//! `user-metadata`, whose fields end up in headers, and wherever `acl` and `key-auth` stand. Those
+//! are honoured in every placement Kong honours (route, service, top level scoped to a route or a
+//! service, or global), with Kong's precedence (route, then service, then global; a disabled
+//! instance does not count), and any placement this service does not support is a problem — an
+//! access-control plugin is never dropped in silence. Every problem is collected with its line and
+//! field path; nothing is returned unless the whole document is valid.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::yaml::{Node, Value};
-use crate::core::format::Number;
+use crate::core::decimal::Decimal;
 use crate::core::model::SLOTS;
-use crate::core::routes::{Acl, SeedRoute};
+use crate::core::routes::{Acl, HostPattern, KeyAuth, RoutePath, SeedRoute};
+use crate::core::text::Text;
 use crate::core::{Consumer, Entry, EntryFields, KeyHash, MetadataList};
 use crate::problem::Problem;
-
-/// Header values of one entry must leave room for the identity headers under nginx's 4 KiB buffer.
-const MAX_ENTRY_HEADER_BYTES: usize = 3 * 1024;
-const MAX_IDENTITY_HEADER_BYTES: usize = 512;
 
 const ENTRY_FIELDS: [&str; 9] = [
     "id",
@@ -31,55 +32,21 @@ const ENTRY_FIELDS: [&str; 9] = [
     "output_cost_per_token",
 ];
 
+/// A route's paths as matched (with the length that ranks a regex).
+pub type RoutePaths = Vec<(RoutePath, usize)>;
+
 /// A valid seed, ready to become a catalog.
 #[derive(Debug, Default)]
 pub struct SeedData {
     pub consumers: Vec<(Arc<Consumer>, Vec<KeyHash>)>,
-    pub routes: Vec<(SeedRoute, Vec<String>)>,
+    pub routes: Vec<(SeedRoute, RoutePaths)>,
     pub global: Option<Arc<MetadataList>>,
+    /// Unscoped top-level `acl` and `key-auth`, for URIs that match no route.
+    pub global_acl: Option<Acl>,
+    pub global_key_auth: Option<KeyAuth>,
 }
 
-/// Which characters a string may hold.
-#[derive(Clone, Copy)]
-enum Text {
-    /// `id`, `provider_name`: visible ASCII, no spaces.
-    Visible,
-    /// `username`, `custom_id`: printable ASCII (spaces allowed).
-    Printable,
-    /// ACL group names: printable ASCII without a comma (groups are joined with `, `).
-    Group,
-    /// Tags: any UTF-8 without control characters (they are JSON-escaped into a header).
-    NoControl,
-    /// API keys and names we do not put in headers: anything non-empty.
-    Any,
-}
-
-impl Text {
-    fn check(self, s: &str) -> Result<(), &'static str> {
-        let ok = match self {
-            Text::Visible => s.bytes().all(|b| b.is_ascii_graphic()),
-            Text::Printable => s.bytes().all(|b| (0x20..0x7f).contains(&b)),
-            Text::Group => {
-                if s.contains(',') {
-                    return Err("must not contain a comma");
-                }
-                s.bytes().all(|b| (0x20..0x7f).contains(&b))
-            }
-            Text::NoControl => !s.chars().any(char::is_control),
-            Text::Any => true,
-        };
-        if ok {
-            return Ok(());
-        }
-        if s.chars().any(char::is_control) {
-            return Err("contains a control character (CR, LF, NUL, ...)");
-        }
-        Err(match self {
-            Text::Visible => "must be visible ASCII without spaces",
-            _ => "must be printable ASCII",
-        })
-    }
-}
+type Map = [(String, Node)];
 
 struct Ctx {
     file: String,
@@ -87,9 +54,20 @@ struct Ctx {
     /// Entries already built, by content: many consumers of a large seed carry the same entry, and
     /// one copy (with its prebuilt headers) serves them all.
     entries: HashMap<String, Arc<Entry>>,
+    /// Every key digest seen, with where it was first given.
+    keys: HashMap<KeyHash, String>,
 }
 
 impl Ctx {
+    fn new(file: &str) -> Ctx {
+        Ctx {
+            file: file.to_owned(),
+            problems: Vec::new(),
+            entries: HashMap::new(),
+            keys: HashMap::new(),
+        }
+    }
+
     fn report(&mut self, line: u64, path: &str, reason: impl Into<String>) {
         self.problems.push(Problem {
             file: self.file.clone(),
@@ -99,7 +77,7 @@ impl Ctx {
         });
     }
 
-    fn map<'n>(&mut self, node: &'n Node, path: &str) -> Option<&'n [(String, Node)]> {
+    fn map<'n>(&mut self, node: &'n Node, path: &str) -> Option<&'n Map> {
         match &node.value {
             Value::Map(entries) => Some(entries),
             other => {
@@ -151,41 +129,56 @@ impl Ctx {
         }
     }
 
-    fn number(&mut self, node: &Node, path: &str) -> Option<Number> {
-        let number = match node.value {
-            Value::Int(i) if i >= 0 => u64::try_from(i).ok().map(Number::Int),
-            Value::Float(f) if f.is_finite() && f >= 0.0 => Some(Number::Float(f)),
-            Value::Int(_) | Value::Float(_) => {
-                self.report(node.line, path, "must be a number >= 0");
-                return None;
-            }
-            _ => None,
-        };
-        if number.is_none() {
-            self.report(
-                node.line,
-                path,
-                format!("expected a number >= 0, found {}", node.value.kind()),
-            );
-        }
-        number
-    }
-
-    fn integer(&mut self, node: &Node, path: &str) -> Option<u64> {
-        match self.number(node, path)? {
-            Number::Int(i) => Some(i),
-            Number::Float(f) if f.fract() == 0.0 && f < 9_007_199_254_740_992.0 => Some(f as u64),
-            Number::Float(_) => {
-                self.report(node.line, path, "must be an integer");
+    fn boolean(&mut self, node: &Node, path: &str) -> Option<bool> {
+        match node.value {
+            Value::Bool(b) => Some(b),
+            _ => {
+                self.report(
+                    node.line,
+                    path,
+                    format!("expected true or false, found {}", node.value.kind()),
+                );
                 None
             }
         }
     }
 
+    /// A number >= 0, exactly as written.
+    fn number(&mut self, node: &Node, path: &str) -> Option<Decimal> {
+        let parsed = match &node.value {
+            Value::Int(i) if *i < 0 => Err("must be a number >= 0"),
+            Value::Int(i) => Decimal::parse(&i.to_string()).map_err(|_| "must be a number >= 0"),
+            Value::Float(text) => Decimal::parse(text).map_err(|reason| match reason {
+                "must be >= 0" | "must be a number" => "must be a number >= 0",
+                other => other,
+            }),
+            other => {
+                self.report(
+                    node.line,
+                    path,
+                    format!("expected a number >= 0, found {}", other.kind()),
+                );
+                return None;
+            }
+        };
+        parsed
+            .map_err(|reason| self.report(node.line, path, reason))
+            .ok()
+    }
+
+    fn integer(&mut self, node: &Node, path: &str) -> Option<u64> {
+        let number = self.number(node, path)?;
+        let integer = number.to_u64();
+        if integer.is_none() {
+            self.report(node.line, path, "must be an integer");
+        }
+        integer
+    }
+
     /// A required field of `map` (at `path`, written at `line`): reports it when missing or null.
     fn required<'n>(
         &mut self,
-        map: &'n [(String, Node)],
+        map: &'n Map,
         line: u64,
         path: &str,
         field: &str,
@@ -199,7 +192,7 @@ impl Ctx {
         }
     }
 
-    fn reject_unknown(&mut self, map: &[(String, Node)], path: &str, known: &[&str]) {
+    fn reject_unknown(&mut self, map: &Map, path: &str, known: &[&str]) {
         for (key, node) in map {
             if !known.contains(&key.as_str()) {
                 self.report(
@@ -210,64 +203,9 @@ impl Ctx {
             }
         }
     }
-}
 
-fn get<'n>(map: &'n [(String, Node)], key: &str) -> Option<&'n Node> {
-    map.iter().find(|(k, _)| k == key).map(|(_, v)| v)
-}
-
-/// A present, non-null optional field.
-fn optional<'n>(map: &'n [(String, Node)], key: &str) -> Option<&'n Node> {
-    get(map, key).filter(|n| n.value != Value::Null)
-}
-
-fn join(path: &str, field: &str) -> String {
-    if path.is_empty() {
-        field.to_owned()
-    } else {
-        format!("{path}.{field}")
-    }
-}
-
-fn index(path: &str, i: usize) -> String {
-    format!("{path}[{i}]")
-}
-
-/// Checks the whole document; `file` labels every problem.
-pub fn parse_document(root: &Node, file: &str) -> Result<SeedData, Vec<Problem>> {
-    let mut ctx = Ctx {
-        file: file.to_owned(),
-        problems: Vec::new(),
-        entries: HashMap::new(),
-    };
-    let mut seed = SeedData::default();
-    if let Some(top) = ctx.map(root, "") {
-        seed.consumers = consumers(&mut ctx, top);
-        seed.routes = all_routes(&mut ctx, top);
-        seed.global = global_list(&mut ctx, top);
-    }
-    if ctx.problems.is_empty() {
-        Ok(seed)
-    } else {
-        Err(ctx.problems)
-    }
-}
-
-/// One mapping of a list, with its field path and line.
-struct Item<'n> {
-    path: String,
-    line: u64,
-    map: &'n [(String, Node)],
-}
-
-impl Ctx {
     /// The mappings of list `field` of `owner` (absent or empty: none); other items are reported.
-    fn maps_in<'n>(
-        &mut self,
-        owner: &'n [(String, Node)],
-        path: &str,
-        field: &str,
-    ) -> Vec<Item<'n>> {
+    fn maps_in<'n>(&mut self, owner: &'n Map, path: &str, field: &str) -> Vec<Item<'n>> {
         let list_path = join(path, field);
         let Some(items) = get(owner, field).and_then(|node| self.seq(node, &list_path)) else {
             return Vec::new();
@@ -286,16 +224,99 @@ impl Ctx {
             })
             .collect()
     }
+
+    fn string_list(&mut self, map: &Map, path: &str, field: &str, rule: Text) -> Vec<String> {
+        let Some(node) = optional(map, field) else {
+            return Vec::new();
+        };
+        let list_path = join(path, field);
+        let Some(items) = self.seq(node, &list_path) else {
+            return Vec::new();
+        };
+        items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| self.text(n, &index(&list_path, i), rule))
+            .collect()
+    }
 }
 
-fn consumers(ctx: &mut Ctx, top: &[(String, Node)]) -> Vec<(Arc<Consumer>, Vec<KeyHash>)> {
+/// One mapping of a list, with its field path and line.
+struct Item<'n> {
+    path: String,
+    line: u64,
+    map: &'n Map,
+}
+
+fn get<'n>(map: &'n Map, key: &str) -> Option<&'n Node> {
+    map.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+}
+
+/// A present, non-null optional field.
+fn optional<'n>(map: &'n Map, key: &str) -> Option<&'n Node> {
+    get(map, key).filter(|n| n.value != Value::Null)
+}
+
+fn join(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.to_owned()
+    } else {
+        format!("{path}.{field}")
+    }
+}
+
+fn index(path: &str, i: usize) -> String {
+    format!("{path}[{i}]")
+}
+
+/// Checks the whole document; `file` labels every problem.
+pub fn parse_document(root: &Node, file: &str) -> Result<SeedData, Vec<Problem>> {
+    let mut ctx = Ctx::new(file);
+    let mut seed = SeedData::default();
+    if let Some(top) = ctx.map(root, "") {
+        seed.consumers = consumers(&mut ctx, top);
+        let plugins = top_level_plugins(&mut ctx, top);
+        let (routes, services) = all_routes(&mut ctx, top);
+        check_references(&mut ctx, &plugins, &routes, &services);
+        seed.routes = routes
+            .into_iter()
+            .map(|route| route.resolve(&services, &plugins))
+            .collect();
+        seed.global = plugins.global.metadata.and_then(|(list, _)| list);
+        seed.global_acl = plugins.global.acl.map(|(acl, _)| acl);
+        seed.global_key_auth = plugins.global.key_auth.map(|(k, _)| k);
+    }
+    if ctx.problems.is_empty() {
+        Ok(seed)
+    } else {
+        Err(ctx.problems)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consumers, their keys and groups
+// ---------------------------------------------------------------------------------------------
+
+/// A consumer while its keys and groups are gathered (top-level `acls` and `keyauth_credentials`
+/// name consumers defined anywhere in the file).
+struct Draft {
+    path: String,
+    line: u64,
+    username: Option<String>,
+    id: Option<String>,
+    custom_id: Option<String>,
+    groups: Vec<String>,
+    keys: Vec<KeyHash>,
+    metadata: Option<Arc<MetadataList>>,
+}
+
+fn consumers(ctx: &mut Ctx, top: &Map) -> Vec<(Arc<Consumer>, Vec<KeyHash>)> {
+    let mut drafts: Vec<Draft> = Vec::new();
     let mut usernames: HashMap<String, String> = HashMap::new();
-    let mut keys: HashMap<KeyHash, String> = HashMap::new();
-    let mut out = Vec::new();
     for Item { path, line, map } in ctx.maps_in(top, "", "consumers") {
         let username = ctx
             .required(map, line, &path, "username")
-            .and_then(|n| ctx.text(n, &join(&path, "username"), Text::Printable));
+            .and_then(|n| ctx.text(n, &join(&path, "username"), Text::Username));
         if let Some(name) = &username {
             if let Some(first) = usernames.get(name) {
                 let line = get(map, "username").map_or(line, |n| n.line);
@@ -308,172 +329,623 @@ fn consumers(ctx: &mut Ctx, top: &[(String, Node)]) -> Vec<(Arc<Consumer>, Vec<K
                 usernames.insert(name.clone(), path.clone());
             }
         }
-        let custom_id = optional(map, "custom_id")
-            .and_then(|n| ctx.text(n, &join(&path, "custom_id"), Text::Printable));
-        let hashes = credentials(ctx, map, &path, &mut keys);
-        let groups = acl_groups(ctx, map, &path);
-        let metadata = plugins(ctx, map, &path, Scope::Consumer).metadata;
-        let Some(username) = username else { continue };
-        match Consumer::new(username, custom_id, groups, metadata) {
-            Ok(consumer) if consumer.identity_bytes() <= MAX_IDENTITY_HEADER_BYTES => {
-                out.push((Arc::new(consumer), hashes));
-            }
-            Ok(_) => ctx.report(line, &path, format!("username, custom_id and groups exceed {MAX_IDENTITY_HEADER_BYTES} bytes of headers")),
-            Err(e) => ctx.report(line, &path, format!("cannot be sent as header {}", e.header)),
-        }
-    }
-    out
-}
-
-fn credentials(
-    ctx: &mut Ctx,
-    consumer: &[(String, Node)],
-    path: &str,
-    seen: &mut HashMap<KeyHash, String>,
-) -> Vec<KeyHash> {
-    let mut out = Vec::new();
-    for Item { path, line, map } in ctx.maps_in(consumer, path, "keyauth_credentials") {
-        let hash = match (optional(map, "key"), optional(map, "key_sha256")) {
-            (Some(key), None) => ctx
-                .text(key, &join(&path, "key"), Text::Any)
-                .map(|k| KeyHash::of(&k)),
-            (None, Some(hex)) => {
-                let field = join(&path, "key_sha256");
-                ctx.text(hex, &field, Text::Any).and_then(|h| {
-                    let parsed = (h.len() == 64).then(|| KeyHash::from_hex(&h)).flatten();
-                    if parsed.is_none() {
-                        ctx.report(
-                            hex.line,
-                            &field,
-                            "must be 64 hexadecimal characters (a SHA-256 digest)",
-                        );
-                    }
-                    parsed
-                })
-            }
-            (Some(_), Some(_)) => {
-                ctx.report(line, &path, "give either `key` or `key_sha256`, not both");
-                None
-            }
-            (None, None) => {
-                ctx.report(
-                    line,
-                    &join(&path, "key"),
-                    "required field is missing (or `key_sha256`)",
-                );
-                None
-            }
+        let draft = Draft {
+            username,
+            id: optional(map, "id").and_then(|n| ctx.text(n, &join(&path, "id"), Text::Name)),
+            custom_id: optional(map, "custom_id")
+                .and_then(|n| ctx.text(n, &join(&path, "custom_id"), Text::Printable)),
+            keys: ctx
+                .maps_in(map, &path, "keyauth_credentials")
+                .into_iter()
+                .filter_map(|item| credential(ctx, &item))
+                .collect(),
+            groups: ctx
+                .maps_in(map, &path, "acls")
+                .into_iter()
+                .filter_map(|item| acl_group(ctx, &item))
+                .collect(),
+            metadata: consumer_plugins(ctx, map, &path),
+            path,
+            line,
         };
-        let Some(hash) = hash else { continue };
-        // The key itself is never printed: only where its first copy stands.
-        if let Some(first) = seen.get(&hash) {
-            ctx.report(
-                line,
-                &path,
-                format!("duplicate API key (same key as {first})"),
-            );
-        } else {
-            seen.insert(hash, path.clone());
-            out.push(hash);
+        drafts.push(draft);
+    }
+    for item in ctx.maps_in(top, "", "keyauth_credentials") {
+        if let Some(i) = owner(ctx, &drafts, &item) {
+            drafts[i].keys.extend(credential(ctx, &item));
         }
     }
-    out
+    for item in ctx.maps_in(top, "", "acls") {
+        if let Some(i) = owner(ctx, &drafts, &item) {
+            drafts[i].groups.extend(acl_group(ctx, &item));
+        }
+    }
+    drafts
+        .into_iter()
+        .filter_map(|d| build_consumer(ctx, d))
+        .collect()
 }
 
-fn acl_groups(ctx: &mut Ctx, consumer: &[(String, Node)], path: &str) -> Vec<String> {
+fn build_consumer(ctx: &mut Ctx, draft: Draft) -> Option<(Arc<Consumer>, Vec<KeyHash>)> {
     let mut groups: Vec<String> = Vec::new();
-    for Item { path, line, map } in ctx.maps_in(consumer, path, "acls") {
-        let group = ctx
-            .required(map, line, &path, "group")
-            .and_then(|n| ctx.text(n, &join(&path, "group"), Text::Group));
-        if let Some(group) = group.filter(|g| !groups.contains(g)) {
+    for group in draft.groups {
+        if !groups.contains(&group) {
             groups.push(group);
         }
     }
-    groups
-}
-
-/// Where a `plugins` list stands; decides which plugins are read.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Scope {
-    Global,
-    Consumer,
-    Route,
-}
-
-/// What the plugins of one owner say to us.
-#[derive(Default)]
-struct Plugins {
-    acl: Acl,
-    metadata: Option<Arc<MetadataList>>,
-}
-
-/// Reads `owner`'s enabled `user-metadata` plugin (at most one) and, on routes, its `acl` plugins.
-fn plugins(ctx: &mut Ctx, owner: &[(String, Node)], path: &str, scope: Scope) -> Plugins {
-    let mut out = Plugins::default();
-    let mut first_metadata: Option<String> = None;
-    for Item { path, line, map } in ctx.maps_in(owner, path, "plugins") {
-        if scope == Scope::Route && is_enabled_plugin(map, "acl") {
-            route_acl(ctx, map, line, &path, &mut out.acl);
+    match Consumer::new(draft.username?, draft.custom_id, groups, draft.metadata) {
+        Ok(consumer) => Some((Arc::new(consumer), draft.keys)),
+        Err(e) => {
+            ctx.report(draft.line, &draft.path, e.to_string());
+            None
         }
-        if !is_enabled_plugin(map, "user-metadata") {
-            continue;
+    }
+}
+
+/// The consumer a top-level `acls` or `keyauth_credentials` item names (`consumer:` by username or
+/// id, as a string or `{username: …}` / `{id: …}`).
+fn owner(ctx: &mut Ctx, drafts: &[Draft], item: &Item) -> Option<usize> {
+    let field = join(&item.path, "consumer");
+    let node = ctx.required(item.map, item.line, &item.path, "consumer")?;
+    let name = reference(ctx, node, &field, &["username", "id"])?;
+    let found = drafts
+        .iter()
+        .position(|d| d.username.as_deref() == Some(&name) || d.id.as_deref() == Some(&name));
+    if found.is_none() {
+        ctx.report(
+            node.line,
+            &field,
+            format!("no consumer `{name}` in this file"),
+        );
+    }
+    found
+}
+
+/// A reference to another entity: a string, or a mapping with one of `keys`.
+fn reference(ctx: &mut Ctx, node: &Node, path: &str, keys: &[&str]) -> Option<String> {
+    match &node.value {
+        Value::Str(_) => ctx.text(node, path, Text::Name),
+        Value::Map(map) => match keys.iter().find_map(|k| optional(map, k).map(|n| (k, n))) {
+            Some((key, n)) => ctx.text(n, &join(path, key), Text::Name),
+            None => {
+                ctx.report(
+                    node.line,
+                    path,
+                    format!("must name the entity by {}", keys.join(" or ")),
+                );
+                None
+            }
+        },
+        other => {
+            ctx.report(
+                node.line,
+                path,
+                format!("expected a name, found {}", other.kind()),
+            );
+            None
         }
-        if scope == Scope::Global {
-            for scoped in ["consumer", "route", "service"] {
-                if let Some(n) = optional(map, scoped) {
-                    ctx.report(n.line, &join(&path, scoped), format!("a {scoped}-scoped user-metadata plugin is not supported at the top level; put it under the {scoped}"));
+    }
+}
+
+fn credential(ctx: &mut Ctx, item: &Item) -> Option<KeyHash> {
+    let Item { path, line, map } = item;
+    if let Some(ttl) = optional(map, "ttl") {
+        ctx.report(
+            ttl.line,
+            &join(path, "ttl"),
+            "a credential ttl is not supported (key expiry belongs to the admin API)",
+        );
+    }
+    let hash = match (optional(map, "key"), optional(map, "key_sha256")) {
+        (Some(key), None) => ctx
+            .text(key, &join(path, "key"), Text::Key)
+            .map(|k| KeyHash::of(&k)),
+        (None, Some(hex)) => {
+            let field = join(path, "key_sha256");
+            ctx.text(hex, &field, Text::Key).and_then(|h| {
+                let parsed = (h.len() == 64).then(|| KeyHash::from_hex(&h)).flatten();
+                if parsed.is_none() {
+                    ctx.report(
+                        hex.line,
+                        &field,
+                        "must be 64 hexadecimal characters (a SHA-256 digest)",
+                    );
                 }
+                parsed
+            })
+        }
+        (Some(_), Some(_)) => {
+            ctx.report(*line, path, "give either `key` or `key_sha256`, not both");
+            None
+        }
+        (None, None) => {
+            ctx.report(
+                *line,
+                &join(path, "key"),
+                "required field is missing (or `key_sha256`)",
+            );
+            None
+        }
+    }?;
+    // The key itself is never printed: only where its first copy stands.
+    if let Some(first) = ctx.keys.get(&hash) {
+        let first = first.clone();
+        ctx.report(
+            *line,
+            path,
+            format!("duplicate API key (same key as {first})"),
+        );
+        return None;
+    }
+    ctx.keys.insert(hash, path.clone());
+    Some(hash)
+}
+
+fn acl_group(ctx: &mut Ctx, item: &Item) -> Option<String> {
+    ctx.required(item.map, item.line, &item.path, "group")
+        .and_then(|n| ctx.text(n, &join(&item.path, "group"), Text::Group))
+}
+
+/// A consumer's own plugins: its `user-metadata` list. `acl` and `key-auth` cannot be scoped to a
+/// consumer (Kong refuses them there too), so they are problems rather than ignored lines.
+fn consumer_plugins(ctx: &mut Ctx, consumer: &Map, path: &str) -> Option<Arc<MetadataList>> {
+    let mut set = PluginSet::default();
+    for item in ctx.maps_in(consumer, path, "plugins") {
+        reject_scope_fields(ctx, &item);
+        match read_plugin(ctx, &item) {
+            Some(Plugin::Metadata(list)) => set.add_metadata(ctx, list, &item),
+            Some(Plugin::Acl(_) | Plugin::KeyAuth(_)) => ctx.report(
+                item.line,
+                &item.path,
+                "acl and key-auth cannot be applied to a consumer; put them on a route, a service or the top level",
+            ),
+            None => {}
+        }
+    }
+    set.metadata.and_then(|(list, _)| list)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plugins and their placement
+// ---------------------------------------------------------------------------------------------
+
+/// One of the plugins this service honours.
+enum Plugin {
+    Acl(Acl),
+    KeyAuth(KeyAuth),
+    /// `None` when its list had problems (already reported).
+    Metadata(Option<Arc<MetadataList>>),
+}
+
+/// The enabled instances of the honoured plugins on one entity, with where each was written.
+#[derive(Default)]
+struct PluginSet {
+    acl: Option<(Acl, String)>,
+    key_auth: Option<(KeyAuth, String)>,
+    metadata: Option<(Option<Arc<MetadataList>>, String)>,
+}
+
+impl PluginSet {
+    fn add(&mut self, ctx: &mut Ctx, plugin: Plugin, item: &Item) {
+        match plugin {
+            Plugin::Acl(acl) => put(ctx, &mut self.acl, acl, item, "acl"),
+            Plugin::KeyAuth(key_auth) => put(ctx, &mut self.key_auth, key_auth, item, "key-auth"),
+            Plugin::Metadata(list) => self.add_metadata(ctx, list, item),
+        }
+    }
+
+    fn add_metadata(&mut self, ctx: &mut Ctx, list: Option<Arc<MetadataList>>, item: &Item) {
+        put(ctx, &mut self.metadata, list, item, "user-metadata");
+    }
+}
+
+/// Kong allows one instance of a plugin per entity: a second one is a problem, not a merge.
+fn put<T>(ctx: &mut Ctx, slot: &mut Option<(T, String)>, value: T, item: &Item, name: &str) {
+    match slot {
+        Some((_, first)) => {
+            let first = first.clone();
+            ctx.report(
+                item.line,
+                &item.path,
+                format!("a second {name} plugin on the same entity (first at {first})"),
+            );
+        }
+        None => *slot = Some((value, item.path.clone())),
+    }
+}
+
+/// Reads an enabled `acl`, `key-auth` or `user-metadata` plugin; other plugins and disabled
+/// instances are `None` (Kong skips a disabled one before choosing by precedence).
+fn read_plugin(ctx: &mut Ctx, item: &Item) -> Option<Plugin> {
+    let name = match get(item.map, "name") {
+        Some(Node {
+            value: Value::Str(name),
+            ..
+        }) => name.as_str(),
+        _ => return None,
+    };
+    if !matches!(name, "acl" | "key-auth" | "user-metadata") {
+        return None;
+    }
+    if let Some(enabled) = get(item.map, "enabled")
+        && !ctx.boolean(enabled, &join(&item.path, "enabled"))?
+    {
+        return None;
+    }
+    match name {
+        "acl" => acl_config(ctx, item).map(Plugin::Acl),
+        "key-auth" => Some(Plugin::KeyAuth(key_auth_config(ctx, item))),
+        _ => Some(Plugin::Metadata(metadata_config(ctx, item))),
+    }
+}
+
+/// Plugins nested under an entity take their scope from it; a scope field there is not supported.
+fn reject_scope_fields(ctx: &mut Ctx, item: &Item) {
+    if !is_honoured(item.map) {
+        return;
+    }
+    for scope in ["consumer", "route", "service"] {
+        if let Some(n) = optional(item.map, scope) {
+            ctx.report(n.line, &join(&item.path, scope), format!("a `{scope}` scope on a nested plugin is not supported; nest the plugin under the {scope} instead"));
+        }
+    }
+}
+
+fn is_honoured(plugin: &Map) -> bool {
+    matches!(get(plugin, "name"), Some(Node { value: Value::Str(n), .. }) if matches!(n.as_str(), "acl" | "key-auth" | "user-metadata"))
+}
+
+fn acl_config(ctx: &mut Ctx, item: &Item) -> Option<Acl> {
+    let config = ctx.required(item.map, item.line, &item.path, "config")?;
+    let path = join(&item.path, "config");
+    let map = ctx.map(config, &path)?;
+    for legacy in ["whitelist", "blacklist"] {
+        if let Some(n) = optional(map, legacy) {
+            ctx.report(n.line, &join(&path, legacy), format!("`{legacy}` was renamed in Kong 2.1 (use `allow` / `deny`); it is not read, so the route would be open"));
+        }
+    }
+    let acl = Acl {
+        allow: ctx.string_list(map, &path, "allow", Text::Group),
+        deny: ctx.string_list(map, &path, "deny", Text::Group),
+    };
+    if optional(map, "allow").is_none() && optional(map, "deny").is_none() {
+        ctx.report(config.line, &path, "needs `allow` or `deny`");
+        return None;
+    }
+    Some(acl)
+}
+
+fn key_auth_config(ctx: &mut Ctx, item: &Item) -> KeyAuth {
+    let mut key_auth = KeyAuth::default();
+    let path = join(&item.path, "config");
+    let Some(map) = optional(item.map, "config").and_then(|c| ctx.map(c, &path)) else {
+        return key_auth;
+    };
+    if optional(map, "key_names").is_some() {
+        let names = ctx.string_list(map, &path, "key_names", Text::Visible);
+        for (i, name) in names.iter().enumerate() {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                ctx.report(
+                    item.line,
+                    &index(&join(&path, "key_names"), i),
+                    "must be a valid header name",
+                );
             }
         }
-        if let Some(first) = &first_metadata {
+        key_auth.key_names = names.iter().map(|n| n.to_ascii_lowercase()).collect();
+        if key_auth.key_names.is_empty() {
             ctx.report(
-                line,
-                &path,
-                format!("a second user-metadata plugin (first at {first})"),
+                item.line,
+                &join(&path, "key_names"),
+                "must name at least one key",
+            );
+        }
+    }
+    for (field, slot) in [
+        ("key_in_header", &mut key_auth.in_header),
+        ("key_in_query", &mut key_auth.in_query),
+    ] {
+        if let Some(value) = optional(map, field).and_then(|n| ctx.boolean(n, &join(&path, field)))
+        {
+            *slot = value;
+        }
+    }
+    key_auth
+}
+
+/// The top-level `plugins`: unscoped (global), or scoped to a route or a service by name or id.
+#[derive(Default)]
+struct TopLevelPlugins {
+    global: PluginSet,
+    /// Reference (name or id) → plugins, with where the reference was written.
+    by_route: Vec<(String, String, u64, PluginSet)>,
+    by_service: Vec<(String, String, u64, PluginSet)>,
+}
+
+impl TopLevelPlugins {
+    fn for_route(&self, route: &RouteDraft) -> Option<&PluginSet> {
+        self.by_route
+            .iter()
+            .find(|(r, ..)| route.is_named(r))
+            .map(|(.., set)| set)
+    }
+
+    fn for_service(&self, service: &ServiceInfo) -> Option<&PluginSet> {
+        self.by_service
+            .iter()
+            .find(|(s, ..)| service.is_named(s))
+            .map(|(.., set)| set)
+    }
+}
+
+fn top_level_plugins(ctx: &mut Ctx, top: &Map) -> TopLevelPlugins {
+    let mut out = TopLevelPlugins::default();
+    for item in ctx.maps_in(top, "", "plugins") {
+        if !is_honoured(item.map) {
+            continue;
+        }
+        if let Some(n) = optional(item.map, "consumer") {
+            ctx.report(
+                n.line,
+                &join(&item.path, "consumer"),
+                "a consumer-scoped plugin is not supported; put user-metadata under the consumer",
             );
             continue;
         }
-        out.metadata = metadata_config(ctx, map, line, &path);
-        first_metadata = Some(path);
+        let route = optional(item.map, "route").map(|n| (n, "route"));
+        let service = optional(item.map, "service").map(|n| (n, "service"));
+        let scope = match (route, service) {
+            (Some(_), Some(_)) => {
+                ctx.report(
+                    item.line,
+                    &item.path,
+                    "a plugin scoped to both a route and a service is not supported",
+                );
+                continue;
+            }
+            (scope, None) | (None, scope) => scope,
+        };
+        let Some(plugin) = read_plugin(ctx, &item) else {
+            continue;
+        };
+        let Some((node, kind)) = scope else {
+            out.global.add(ctx, plugin, &item);
+            continue;
+        };
+        let field = join(&item.path, kind);
+        let Some(name) = reference(ctx, node, &field, &["name", "id"]) else {
+            continue;
+        };
+        let list = if kind == "route" {
+            &mut out.by_route
+        } else {
+            &mut out.by_service
+        };
+        let at = match list.iter().position(|(n, ..)| *n == name) {
+            Some(at) => at,
+            None => {
+                list.push((name, field, node.line, PluginSet::default()));
+                list.len() - 1
+            }
+        };
+        list[at].3.add(ctx, plugin, &item);
     }
     out
 }
 
-fn route_acl(ctx: &mut Ctx, plugin: &[(String, Node)], line: u64, path: &str, acl: &mut Acl) {
-    let Some(config) = ctx.required(plugin, line, path, "config") else {
-        return;
-    };
-    let path = join(path, "config");
-    let Some(config) = ctx.map(config, &path) else {
-        return;
-    };
-    acl.allow
-        .extend(string_list(ctx, config, &path, "allow", Text::Group));
-    acl.deny
-        .extend(string_list(ctx, config, &path, "deny", Text::Group));
+// ---------------------------------------------------------------------------------------------
+// Services and routes
+// ---------------------------------------------------------------------------------------------
+
+struct ServiceInfo {
+    name: Option<String>,
+    id: Option<String>,
+    plugins: PluginSet,
 }
 
-fn is_enabled_plugin(plugin: &[(String, Node)], name: &str) -> bool {
-    let named = matches!(get(plugin, "name"), Some(Node { value: Value::Str(n), .. }) if n == name);
-    let disabled = matches!(
-        get(plugin, "enabled"),
-        Some(Node {
-            value: Value::Bool(false),
-            ..
-        })
-    );
-    named && !disabled
+impl ServiceInfo {
+    fn is_named(&self, reference: &str) -> bool {
+        self.name.as_deref() == Some(reference) || self.id.as_deref() == Some(reference)
+    }
 }
 
-fn metadata_config(
+struct RouteDraft {
+    route: SeedRoute,
+    id: Option<String>,
+    paths: RoutePaths,
+    service: Option<usize>,
+    plugins: PluginSet,
+}
+
+impl RouteDraft {
+    fn is_named(&self, reference: &str) -> bool {
+        self.route.name == reference || self.id.as_deref() == Some(reference)
+    }
+
+    /// Applies Kong's precedence: each plugin from the route, else its service, else global.
+    fn resolve(self, services: &[ServiceInfo], top: &TopLevelPlugins) -> (SeedRoute, RoutePaths) {
+        let service = self.service.and_then(|i| services.get(i));
+        let specific: Vec<&PluginSet> = [
+            Some(&self.plugins),
+            top.for_route(&self),
+            service.map(|s| &s.plugins),
+            service.and_then(|s| top.for_service(s)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let with_global = || specific.iter().copied().chain([&top.global]);
+        let acl = with_global()
+            .find_map(|set| set.acl.as_ref())
+            .map(|(acl, _)| acl.clone());
+        let key_auth = with_global()
+            .find_map(|set| set.key_auth.as_ref())
+            .map(|(k, _)| k.clone());
+        // The global list stays the catalog's own fallback; a route carries its own or its service's.
+        let metadata = specific
+            .iter()
+            .find_map(|set| set.metadata.as_ref())
+            .and_then(|(list, _)| list.clone());
+        let route = SeedRoute {
+            acl,
+            key_auth,
+            metadata,
+            ..self.route
+        };
+        (route, self.paths)
+    }
+}
+
+/// Top-level `routes` (naming their service with `service:`) and `services[].routes[]`.
+fn all_routes(ctx: &mut Ctx, top: &Map) -> (Vec<RouteDraft>, Vec<ServiceInfo>) {
+    let mut services = Vec::new();
+    let mut routes = Vec::new();
+    for (i, item) in ctx.maps_in(top, "", "services").into_iter().enumerate() {
+        services.push(ServiceInfo {
+            name: optional(item.map, "name")
+                .and_then(|n| ctx.text(n, &join(&item.path, "name"), Text::Name)),
+            id: optional(item.map, "id")
+                .and_then(|n| ctx.text(n, &join(&item.path, "id"), Text::Name)),
+            plugins: nested_plugins(ctx, item.map, &item.path),
+        });
+        for route in ctx.maps_in(item.map, &item.path, "routes") {
+            routes.extend(route_draft(ctx, &route, Some(i)));
+        }
+    }
+    for route in ctx.maps_in(top, "", "routes") {
+        let service = optional(route.map, "service").and_then(|node| {
+            let field = join(&route.path, "service");
+            let name = reference(ctx, node, &field, &["name", "id"])?;
+            let found = services.iter().position(|s| s.is_named(&name));
+            if found.is_none() {
+                ctx.report(
+                    node.line,
+                    &field,
+                    format!("no service `{name}` in this file"),
+                );
+            }
+            found
+        });
+        routes.extend(route_draft(ctx, &route, service));
+    }
+    (routes, services)
+}
+
+/// The honoured plugins nested under a service or route.
+fn nested_plugins(ctx: &mut Ctx, owner: &Map, path: &str) -> PluginSet {
+    let mut set = PluginSet::default();
+    for item in ctx.maps_in(owner, path, "plugins") {
+        reject_scope_fields(ctx, &item);
+        if let Some(plugin) = read_plugin(ctx, &item) {
+            set.add(ctx, plugin, &item);
+        }
+    }
+    set
+}
+
+fn route_draft(ctx: &mut Ctx, item: &Item, service: Option<usize>) -> Option<RouteDraft> {
+    let Item { path, line, map } = item;
+    let name = match optional(map, "name") {
+        Some(n) => ctx
+            .text(n, &join(path, "name"), Text::Name)
+            .unwrap_or_default(),
+        None => path.clone(),
+    };
+    let id = optional(map, "id").and_then(|n| ctx.text(n, &join(path, "id"), Text::Name));
+    let paths = route_paths(ctx, map, path, *line);
+    let methods = ctx
+        .string_list(map, path, "methods", Text::Visible)
+        .into_iter()
+        .map(|m| m.to_ascii_uppercase())
+        .collect();
+    let hosts = route_hosts(ctx, map, path, *line);
+    let plugins = nested_plugins(ctx, map, path);
+    Some(RouteDraft {
+        route: SeedRoute {
+            name,
+            methods,
+            hosts,
+            ..SeedRoute::default()
+        },
+        id,
+        paths,
+        service,
+        plugins,
+    })
+}
+
+/// A route without `paths` matches every path (Kong routes it by its hosts or methods alone).
+fn route_paths(ctx: &mut Ctx, map: &Map, path: &str, line: u64) -> RoutePaths {
+    if optional(map, "paths").is_none() {
+        return vec![(RoutePath::Prefix("/".to_owned()), 1)];
+    }
+    let field = join(path, "paths");
+    let line = get(map, "paths").map_or(line, |n| n.line);
+    let written = ctx.string_list(map, path, "paths", Text::Name);
+    let mut out = Vec::new();
+    for (j, p) in written.iter().enumerate() {
+        if !p.starts_with('/') && !p.starts_with('~') {
+            ctx.report(
+                line,
+                &index(&field, j),
+                "must start with `/` (or `~` for a regex path)",
+            );
+            continue;
+        }
+        match RoutePath::parse(p) {
+            Ok(route_path) => out.push((route_path, p.trim_start_matches('~').len())),
+            Err(reason) => ctx.report(line, &index(&field, j), reason),
+        }
+    }
+    out
+}
+
+fn route_hosts(ctx: &mut Ctx, map: &Map, path: &str, line: u64) -> Vec<HostPattern> {
+    let field = join(path, "hosts");
+    let line = get(map, "hosts").map_or(line, |n| n.line);
+    let written = ctx.string_list(map, path, "hosts", Text::Visible);
+    let mut out = Vec::new();
+    for (j, host) in written.iter().enumerate() {
+        let wildcard_inside = host.trim_start_matches("*.").contains('*');
+        if wildcard_inside || (host.starts_with('*') && !host.starts_with("*.")) {
+            ctx.report(
+                line,
+                &index(&field, j),
+                "only a leading `*.` wildcard is supported",
+            );
+            continue;
+        }
+        out.push(HostPattern::parse(host));
+    }
+    out
+}
+
+/// Every top-level plugin scoped to a route or a service must name one that exists.
+fn check_references(
     ctx: &mut Ctx,
-    plugin: &[(String, Node)],
-    line: u64,
-    path: &str,
-) -> Option<Arc<MetadataList>> {
-    let config = ctx.required(plugin, line, path, "config")?;
-    let config_path = join(path, "config");
+    plugins: &TopLevelPlugins,
+    routes: &[RouteDraft],
+    services: &[ServiceInfo],
+) {
+    for (name, field, line, _) in &plugins.by_route {
+        if !routes.iter().any(|r| r.is_named(name)) {
+            ctx.report(*line, field, format!("no route `{name}` in this file"));
+        }
+    }
+    for (name, field, line, _) in &plugins.by_service {
+        if !services.iter().any(|s| s.is_named(name)) {
+            ctx.report(*line, field, format!("no service `{name}` in this file"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// user-metadata: lists and entries
+// ---------------------------------------------------------------------------------------------
+
+fn metadata_config(ctx: &mut Ctx, item: &Item) -> Option<Arc<MetadataList>> {
+    let config = ctx.required(item.map, item.line, &item.path, "config")?;
+    let config_path = join(&item.path, "config");
     let map = ctx.map(config, &config_path)?;
     ctx.reject_unknown(map, &config_path, &["metadata_list"]);
     let list_node = ctx.required(map, config.line, &config_path, "metadata_list")?;
@@ -523,12 +995,12 @@ fn entry(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Entry> {
     let map = ctx.map(node, path)?;
     ctx.reject_unknown(map, path, &ENTRY_FIELDS);
     let line = node.line;
-    let id = ctx
-        .required(map, line, path, "id")
-        .and_then(|n| ctx.text(n, &join(path, "id"), Text::Visible));
-    let provider_name = ctx
-        .required(map, line, path, "provider_name")
-        .and_then(|n| ctx.text(n, &join(path, "provider_name"), Text::Visible));
+    let mut text = |field: &str, rule: Text| {
+        ctx.required(map, line, path, field)
+            .and_then(|n| ctx.text(n, &join(path, field), rule))
+    };
+    let id = text("id", Text::Visible);
+    let provider_name = text("provider_name", Text::Visible);
     let tags = match optional(map, "tags") {
         Some(n) => tags(ctx, n, &join(path, "tags")),
         None => Some(Vec::new()),
@@ -562,17 +1034,9 @@ fn entry(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Entry> {
         input_cost_per_token: input_cost_per_token?,
         output_cost_per_token: output_cost_per_token?,
     };
-    match Entry::new(fields) {
-        Ok(entry) if entry.header_bytes() <= MAX_ENTRY_HEADER_BYTES => Some(entry),
-        Ok(entry) => {
-            ctx.report(line, path, format!("headers would take {} bytes; at most {MAX_ENTRY_HEADER_BYTES} fit a gateway's header buffer", entry.header_bytes()));
-            None
-        }
-        Err(e) => {
-            ctx.report(line, path, format!("cannot be sent as header {}", e.header));
-            None
-        }
-    }
+    Entry::new(fields)
+        .map_err(|e| ctx.report(line, path, e.to_string()))
+        .ok()
 }
 
 fn tags(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Vec<String>> {
@@ -585,9 +1049,9 @@ fn tags(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Vec<String>> {
     tags.into_iter().collect()
 }
 
-fn tdl_matrix(ctx: &mut Ctx, node: &Node, path: &str) -> Option<[Vec<Number>; SLOTS]> {
+fn tdl_matrix(ctx: &mut Ctx, node: &Node, path: &str) -> Option<[Vec<Decimal>; SLOTS]> {
     let map = ctx.map(node, path)?;
-    let mut slots: [Option<Vec<Number>>; SLOTS] = Default::default();
+    let mut slots: [Option<Vec<Decimal>>; SLOTS] = Default::default();
     let mut complete = true;
     for (key, value) in map {
         let slot = key
@@ -615,12 +1079,12 @@ fn tdl_matrix(ctx: &mut Ctx, node: &Node, path: &str) -> Option<[Vec<Number>; SL
             continue;
         }
         let row = ctx.seq(value, &row_path).and_then(|items| {
-            let values: Vec<Option<Number>> = items
+            let values: Vec<Option<Decimal>> = items
                 .iter()
                 .enumerate()
                 .map(|(i, n)| ctx.number(n, &index(&row_path, i)))
                 .collect();
-            values.into_iter().collect::<Option<Vec<Number>>>()
+            values.into_iter().collect::<Option<Vec<Decimal>>>()
         });
         match row {
             Some(row) => slots[slot - 1] = Some(row),
@@ -657,13 +1121,9 @@ fn capabilities(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Vec<u8>> {
 }
 
 /// A consumer record as stored in Redis (see `seed::record`): `username`, optional `custom_id`,
-/// `groups` and `metadata_list`, checked by the same rules as the seed.
+/// `groups` and `metadata_list`, checked by the same rules (and the same constructor) as the seed.
 pub fn consumer_record(root: &Node, label: &str) -> Result<Consumer, Vec<Problem>> {
-    let mut ctx = Ctx {
-        file: label.to_owned(),
-        problems: Vec::new(),
-        entries: HashMap::new(),
-    };
+    let mut ctx = Ctx::new(label);
     let consumer = ctx.map(root, "").and_then(|map| {
         ctx.reject_unknown(
             map,
@@ -672,13 +1132,15 @@ pub fn consumer_record(root: &Node, label: &str) -> Result<Consumer, Vec<Problem
         );
         let username = ctx
             .required(map, root.line, "", "username")
-            .and_then(|n| ctx.text(n, "username", Text::Printable));
+            .and_then(|n| ctx.text(n, "username", Text::Username));
         let custom_id =
             optional(map, "custom_id").and_then(|n| ctx.text(n, "custom_id", Text::Printable));
-        let groups = string_list(&mut ctx, map, "", "groups", Text::Group);
+        let groups = ctx.string_list(map, "", "groups", Text::Group);
         let metadata = optional(map, "metadata_list")
             .and_then(|n| metadata_list(&mut ctx, n, "metadata_list"));
-        Consumer::new(username?, custom_id, groups, metadata).ok()
+        Consumer::new(username?, custom_id, groups, metadata)
+            .map_err(|e| ctx.report(root.line, "", e.to_string()))
+            .ok()
     });
     match consumer {
         Some(consumer) if ctx.problems.is_empty() => Ok(consumer),
@@ -690,76 +1152,4 @@ pub fn consumer_record(root: &Node, label: &str) -> Result<Consumer, Vec<Problem
         }]),
         _ => Err(ctx.problems),
     }
-}
-
-/// Top-level `routes` and `services[].routes[]`.
-fn all_routes(ctx: &mut Ctx, top: &[(String, Node)]) -> Vec<(SeedRoute, Vec<String>)> {
-    let mut out = routes(ctx, top, "");
-    for service in ctx.maps_in(top, "", "services") {
-        out.extend(routes(ctx, service.map, &service.path));
-    }
-    out
-}
-
-fn routes(ctx: &mut Ctx, owner: &[(String, Node)], path: &str) -> Vec<(SeedRoute, Vec<String>)> {
-    let mut out = Vec::new();
-    for Item { path, line, map } in ctx.maps_in(owner, path, "routes") {
-        let name = match optional(map, "name") {
-            Some(n) => ctx
-                .text(n, &join(&path, "name"), Text::Any)
-                .unwrap_or_default(),
-            None => path.clone(),
-        };
-        let paths = string_list(ctx, map, &path, "paths", Text::Any);
-        for (j, p) in paths.iter().enumerate() {
-            if !p.starts_with('/') {
-                let line = get(map, "paths").map_or(line, |n| n.line);
-                ctx.report(
-                    line,
-                    &index(&join(&path, "paths"), j),
-                    "must start with `/` (regex paths are not supported)",
-                );
-            }
-        }
-        let methods = string_list(ctx, map, &path, "methods", Text::Visible)
-            .into_iter()
-            .map(|m| m.to_ascii_uppercase())
-            .collect();
-        let Plugins { acl, metadata } = plugins(ctx, map, &path, Scope::Route);
-        out.push((
-            SeedRoute {
-                name,
-                methods,
-                acl,
-                metadata,
-            },
-            paths,
-        ));
-    }
-    out
-}
-
-fn string_list(
-    ctx: &mut Ctx,
-    map: &[(String, Node)],
-    path: &str,
-    field: &str,
-    rule: Text,
-) -> Vec<String> {
-    let Some(node) = optional(map, field) else {
-        return Vec::new();
-    };
-    let list_path = join(path, field);
-    let Some(items) = ctx.seq(node, &list_path) else {
-        return Vec::new();
-    };
-    items
-        .iter()
-        .enumerate()
-        .filter_map(|(i, n)| ctx.text(n, &index(&list_path, i), rule))
-        .collect()
-}
-
-fn global_list(ctx: &mut Ctx, top: &[(String, Node)]) -> Option<Arc<MetadataList>> {
-    plugins(ctx, top, "", Scope::Global).metadata
 }

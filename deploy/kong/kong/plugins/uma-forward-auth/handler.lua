@@ -5,11 +5,13 @@
 -- Access phase:
 --   1. client copies of the twelve metadata headers are removed from the upstream request;
 --   2. the service is called with X-Original-URI (path and query as the client sent them),
---      X-Original-Method and the client's apikey / x-api-key / authorization headers (every copy,
---      so that the service can refuse a repeated key);
+--      X-Original-Method, X-Original-Host and the client's apikey / x-api-key / authorization
+--      headers plus any conf.key_names (every copy, so that the service can refuse a repeated key);
+--      run the service with auth.original_request = "original" (and auth.entry_selectors =
+--      ["query"] when conf.metadata_id is used);
 --   3. 200: the twelve headers are set on the upstream request, and with hide_credentials the
 --      client's apikey / x-api-key headers and apikey query parameter are removed;
---      401/403/429/503: the service's status, body and headers go back to the client;
+--      400/401/403/429/503: the service's status, body and headers go back to the client;
 --      anything else, or no answer within conf.timeout: 503.
 
 local http = require("resty.http")
@@ -42,7 +44,7 @@ local KEY_HEADERS = { "apikey", "x-api-key", "authorization" }
 local HIDDEN_HEADERS = { "apikey", "x-api-key" }
 
 -- Deny answers passed on to the client, and the headers of theirs that go with them.
-local DENY_STATUSES = { [401] = true, [403] = true, [429] = true, [503] = true }
+local DENY_STATUSES = { [400] = true, [401] = true, [403] = true, [429] = true, [503] = true }
 local DENY_HEADERS = {
   "Content-Type",
   "Cache-Control",
@@ -108,13 +110,21 @@ function UmaForwardAuth:access(conf)
   local headers = {
     ["X-Original-URI"] = ngx.var.request_uri,
     ["X-Original-Method"] = kong.request.get_method(),
+    ["X-Original-Host"] = kong.request.get_host(),
   }
   local client_headers = kong.request.get_headers()
-  for _, name in ipairs(KEY_HEADERS) do
+  local function forward(name)
     local value = client_headers[name]
     if value ~= nil then
       headers[name] = value
     end
+  end
+  for _, name in ipairs(KEY_HEADERS) do
+    forward(name)
+  end
+  -- The key names of the seed's key-auth plugin on this route, when it renames `apikey`.
+  for _, name in ipairs(conf.key_names or {}) do
+    forward(name)
   end
 
   local url = auth_url(conf)

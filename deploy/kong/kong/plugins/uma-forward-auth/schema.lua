@@ -23,6 +23,9 @@ return {
           -- Optional pin: the metadata entry every call on this route gets (sent as
           -- ?metadata_id= on the auth URL; a config-route pin on the service side still wins).
           { metadata_id = { type = "string", required = false } },
+          -- Headers that carry the key besides apikey / x-api-key / authorization: the key_names
+          -- of the key-auth plugin the seed has on this route.
+          { key_names = { type = "array", elements = { type = "string" }, required = false } },
         },
       },
     },

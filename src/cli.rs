@@ -84,7 +84,9 @@ fn load_all(config: Option<&Path>, seed: Option<&Path>) -> Result<(Loaded, Catal
             Ok((loaded, catalog))
         }
         Err(mut problems) => {
-            if let Err(seed_problems) = crate::seed::load_file(&seed_path) {
+            // The configured limit is unknown when the config is invalid: the default applies.
+            let max_bytes = Settings::default().seed.max_bytes;
+            if let Err(seed_problems) = crate::seed::load_file(&seed_path, max_bytes) {
                 problems.extend(seed_problems);
             }
             Err(problems)

@@ -4,10 +4,13 @@
 //! Unknown keys are errors, so `UMA_REDIS_URL` (one underscore) is reported instead of silently
 //! ignored. Semantic checks collect every problem before failing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use config::builder::DefaultState;
+use config::{ConfigError, Source as _, Value, ValueKind};
 use serde::Deserialize;
 
 use crate::core::request::ReadRules;
@@ -277,157 +280,658 @@ pub struct Loaded {
     pub source: Option<PathBuf>,
 }
 
+/// The range of one numeric setting (SPEC §2). `check`, and so `serve`, refuses a value outside it
+/// with the same message, so no later arithmetic, library call or allocation sized by a setting
+/// can panic or overflow on a configured value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    /// Setting path, e.g. `tdl.retention_days`.
+    pub path: &'static str,
+    pub min: u64,
+    pub max: u64,
+    /// The maximum in words (`1 hour`) where the number alone is hard to read; may be empty.
+    pub max_in_words: &'static str,
+}
+
+impl Bound {
+    const fn new(path: &'static str, min: u64, max: u64, max_in_words: &'static str) -> Bound {
+        Bound {
+            path,
+            min,
+            max,
+            max_in_words,
+        }
+    }
+
+    pub fn contains(&self, value: u64) -> bool {
+        (self.min..=self.max).contains(&value)
+    }
+
+    /// The one message every out-of-range value gets.
+    pub fn message(&self, value: u64) -> String {
+        let words = if self.max_in_words.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.max_in_words)
+        };
+        format!(
+            "must be between {} and {}{words}; got {value}",
+            self.min, self.max
+        )
+    }
+}
+
+/// The ranges of every numeric setting. Maxima are far above any sensible value and far below
+/// what breaks: the reason for each is on its line.
+pub mod bounds {
+    use super::Bound;
+
+    const HOUR_MS: u64 = 3_600_000;
+    const DAY_MS: u64 = 24 * HOUR_MS;
+    const YEAR_SECS: u64 = 365 * 86_400;
+    const YEAR_MS: u64 = YEAR_SECS * 1000;
+
+    /// `SETEX` refuses 0; a year keeps `EXPIRE` arithmetic small.
+    pub const REDIS_CACHE_TTL_SECS: Bound =
+        Bound::new("redis.cache_ttl_secs", 1, YEAR_SECS, "1 year");
+    /// An empty pool never hands out a connection.
+    pub const REDIS_POOL_SIZE: Bound = Bound::new("redis.pool_size", 1, 1024, "");
+    pub const REDIS_CONNECT_TIMEOUT_MS: Bound =
+        Bound::new("redis.connect_timeout_ms", 1, HOUR_MS, "1 hour");
+    /// The sync-mode wait is `2 × this + 10 ms` (service.rs): an hour cannot overflow it.
+    pub const REDIS_COMMAND_TIMEOUT_MS: Bound =
+        Bound::new("redis.command_timeout_ms", 1, HOUR_MS, "1 hour");
+    pub const REDIS_HEALTH_INTERVAL_MS: Bound =
+        Bound::new("redis.health_interval_ms", 1, HOUR_MS, "1 hour");
+    /// The seed is read into memory whole; 16 GiB is already more than a pod should hold.
+    pub const SEED_MAX_BYTES: Bound = Bound::new("seed.max_bytes", 1, 16 << 30, "16 GiB");
+    pub const TDL_FLUSH_INTERVAL_MS: Bound =
+        Bound::new("tdl.flush_interval_ms", 1, HOUR_MS, "1 hour");
+    /// jiff spans hold at most ~7.3 million days; pruning subtracts this many days.
+    pub const TDL_RETENTION_DAYS: Bound = Bound::new("tdl.retention_days", 1, 3650, "10 years");
+    /// 0 would drop every increment; the maximum bounds the memory of an outage.
+    pub const TDL_MAX_PENDING_KEYS: Bound =
+        Bound::new("tdl.max_pending_keys", 1, 100_000_000, "100 million");
+    pub const TDL_MAX_HISTORY_KEYS: Bound =
+        Bound::new("tdl.max_history_keys", 1, 100_000_000, "100 million");
+    pub const TDL_SHUTDOWN_FLUSH_MS: Bound =
+        Bound::new("tdl.shutdown_flush_ms", 1, HOUR_MS, "1 hour");
+    /// 0 = ask Redis on every call. moka refuses a lifetime over 1000 years (fresh + stale).
+    pub const CACHE_LOCAL_TTL_MS: Bound = Bound::new("cache.local_ttl_ms", 0, YEAR_MS, "1 year");
+    /// 0 = unknown keys are not remembered.
+    pub const CACHE_NEGATIVE_TTL_MS: Bound =
+        Bound::new("cache.negative_ttl_ms", 0, YEAR_MS, "1 year");
+    /// 0 would cache nothing, so nothing could be served while Redis is down.
+    pub const CACHE_MAX_ENTRIES: Bound =
+        Bound::new("cache.max_entries", 1, 100_000_000, "100 million");
+    /// 0 = nothing stale is served during an outage.
+    pub const CACHE_STALE_TTL_SECS: Bound =
+        Bound::new("cache.stale_ttl_secs", 0, YEAR_SECS, "1 year");
+    /// 0 = one per core; each worker is an OS thread (100000 of them abort the process).
+    pub const SERVER_WORKERS: Bound = Bound::new("server.workers", 0, 1024, "");
+    /// 0 would close every connection whose request head arrives in more than one packet.
+    pub const SERVER_HEADER_READ_TIMEOUT_MS: Bound =
+        Bound::new("server.header_read_timeout_ms", 1, HOUR_MS, "1 hour");
+    pub const SERVER_IDLE_TIMEOUT_MS: Bound =
+        Bound::new("server.idle_timeout_ms", 1, DAY_MS, "1 day");
+    /// 0 would refuse every connection; a million is beyond usual descriptor limits.
+    pub const SERVER_MAX_CONNECTIONS: Bound =
+        Bound::new("server.max_connections", 1, 1_000_000, "1 million");
+    pub const SERVER_SHUTDOWN_GRACE_MS: Bound =
+        Bound::new("server.shutdown_grace_ms", 1, HOUR_MS, "1 hour");
+
+    /// Every numeric setting, in config/default.toml order (README's range table lists them all).
+    pub const ALL: [Bound; 20] = [
+        REDIS_CACHE_TTL_SECS,
+        REDIS_POOL_SIZE,
+        REDIS_CONNECT_TIMEOUT_MS,
+        REDIS_COMMAND_TIMEOUT_MS,
+        REDIS_HEALTH_INTERVAL_MS,
+        SEED_MAX_BYTES,
+        TDL_FLUSH_INTERVAL_MS,
+        TDL_RETENTION_DAYS,
+        TDL_MAX_PENDING_KEYS,
+        TDL_MAX_HISTORY_KEYS,
+        TDL_SHUTDOWN_FLUSH_MS,
+        CACHE_LOCAL_TTL_MS,
+        CACHE_NEGATIVE_TTL_MS,
+        CACHE_MAX_ENTRIES,
+        CACHE_STALE_TTL_SECS,
+        SERVER_WORKERS,
+        SERVER_HEADER_READ_TIMEOUT_MS,
+        SERVER_IDLE_TIMEOUT_MS,
+        SERVER_MAX_CONNECTIONS,
+        SERVER_SHUTDOWN_GRACE_MS,
+    ];
+}
+
+/// How a problem names a value that came from the environment.
+fn variable_label(name: &str) -> String {
+    format!("environment variable {name}")
+}
+
+/// The setting a `UMA_` variable sets, as the config crate reads it: `UMA_REDIS__URL` → `redis.url`.
+fn setting_path(name: &str) -> String {
+    let lower = name.to_lowercase();
+    lower.get(4..).unwrap_or_default().replace("__", ".")
+}
+
+/// Variables that kubelet injects for a Service named `uma` while `enableServiceLinks` is on (the
+/// default): `UMA_SERVICE_HOST`, `UMA_SERVICE_PORT[_<PORT NAME>]`, `UMA_PORT` and
+/// `UMA_PORT_<N>_<PROTO>[_PROTO|_PORT|_ADDR]`. No setting is named `port` or `service_*`, so none of
+/// these can be a misspelled setting; refusing them would crash-loop the pod (review D4).
+fn is_service_link(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    let rest = upper.strip_prefix("UMA_").unwrap_or(&upper);
+    rest == "PORT"
+        || rest.starts_with("PORT_")
+        || rest == "SERVICE_HOST"
+        || rest.starts_with("SERVICE_PORT")
+}
+
+/// The `UMA_` variables that are settings, by name (sorted, so problems come in a stable order),
+/// from `env` or the process environment; a value that is not UTF-8 is a problem.
+fn setting_variables(
+    env: Option<HashMap<String, String>>,
+) -> (BTreeMap<String, String>, Vec<Problem>) {
+    let all: Vec<(OsString, OsString)> = match env {
+        Some(map) => map.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
+        None => std::env::vars_os().collect(),
+    };
+    let mut variables = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (name, value) in all {
+        // The config crate matches the prefix case-insensitively and skips non-UTF-8 names.
+        let Some(name) = name.to_str() else { continue };
+        if !name.to_ascii_uppercase().starts_with("UMA_") || is_service_link(name) {
+            continue;
+        }
+        match value.into_string() {
+            Ok(value) => {
+                variables.insert(name.to_owned(), value);
+            }
+            Err(_) => problems.push(Problem {
+                file: variable_label(name),
+                line: None,
+                path: setting_path(name),
+                reason: "the value is not valid UTF-8".into(),
+            }),
+        }
+    }
+    (variables, problems)
+}
+
+fn environment(variables: &BTreeMap<String, String>) -> config::Environment {
+    config::Environment::with_prefix("UMA")
+        .prefix_separator("_")
+        .separator("__")
+        .source(Some(variables.clone().into_iter().collect()))
+}
+
+fn toml_file(path: &Path) -> config::File<config::FileSourceFile, config::FileFormat> {
+    config::File::from(path).format(config::FileFormat::Toml)
+}
+
+fn deserialize(builder: config::ConfigBuilder<DefaultState>) -> Result<Settings, ConfigError> {
+    builder.build().and_then(config::Config::try_deserialize)
+}
+
+/// The reason of a config crate error without its " for key `…` in <origin>" tail: problems name
+/// the key and the origin themselves.
+fn reason_of(error: &ConfigError) -> String {
+    match error {
+        ConfigError::Type {
+            unexpected,
+            expected,
+            ..
+        } => format!("invalid type: {unexpected}, expected {expected}"),
+        ConfigError::At { error, .. } => reason_of(error),
+        ConfigError::FileParse { cause, .. } => cause.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// The key a config crate error names, when it names one.
+fn key_of(error: &ConfigError) -> Option<String> {
+    match error {
+        ConfigError::Type { key, .. } | ConfigError::At { key, .. } => key.clone(),
+        _ => None,
+    }
+}
+
+/// The more precise of the setting tried (`redis.bogus`) and the key the error names: an unknown
+/// field is reported at its table (`redis`), an error inside an array deeper (`routes[0]`).
+fn problem_path(tried: String, error: &ConfigError) -> String {
+    match key_of(error) {
+        Some(key) if key.starts_with(&tried) => key,
+        _ => tried,
+    }
+}
+
+/// A TOML syntax error (`TOML parse error at line 3, column 7` + a source snippet + the message)
+/// as one problem line: the line number goes to `line`, the snippet is left out.
+fn syntax_problem(label: &str, text: &str) -> Problem {
+    let mut lines = text.lines();
+    let head = lines.next().unwrap_or_default();
+    let position = head.rsplit_once(" at line ").and_then(|(_, at)| {
+        let (line, column) = at.split_once(", column ")?;
+        Some((line.trim().parse::<u64>().ok()?, column.trim().to_owned()))
+    });
+    // Snippet lines are a gutter (a line number or blanks) and `|`.
+    let message: Vec<&str> = lines
+        .filter(|l| {
+            let rest = l.trim_start_matches(|c: char| c.is_ascii_digit() || c == ' ');
+            !rest.is_empty() && !rest.starts_with('|')
+        })
+        .collect();
+    let (line, reason) = match position {
+        Some((line, column)) => (
+            Some(line),
+            format!(
+                "TOML syntax error at column {column}: {}",
+                message.join("; ")
+            ),
+        ),
+        None => (None, text.replace('\n', "; ")),
+    };
+    Problem {
+        file: label.to_owned(),
+        line,
+        path: String::new(),
+        reason,
+    }
+}
+
+/// Each setting of a table (nested tables opened up; arrays, `[[routes]]` included, kept whole),
+/// sorted by path.
+fn leaves(table: config::Map<String, Value>) -> Vec<(String, Value)> {
+    fn walk(prefix: &str, table: config::Map<String, Value>, out: &mut Vec<(String, Value)>) {
+        for (key, value) in table {
+            let path = if prefix.is_empty() {
+                key
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match &value.kind {
+                ValueKind::Table(inner) if !inner.is_empty() => walk(&path, inner.clone(), out),
+                _ => out.push((path, value)),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk("", table, &mut out);
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Problems of the configuration file alone. When it does not deserialize, each of its settings is
+/// tried alone over the defaults, so every bad key is reported at once, not only the first one.
+fn file_problems(path: &Path, label: &str) -> Vec<Problem> {
+    let problem = |key: String, error: &ConfigError| Problem {
+        file: label.to_owned(),
+        line: None,
+        path: problem_path(key, error),
+        reason: reason_of(error),
+    };
+    let config = match config::Config::builder()
+        .add_source(toml_file(path))
+        .build()
+    {
+        Ok(config) => config,
+        Err(ConfigError::FileParse { cause, .. }) => {
+            return vec![syntax_problem(label, &cause.to_string())];
+        }
+        Err(error) => return vec![problem(String::new(), &error)],
+    };
+    let whole = match config.clone().try_deserialize::<Settings>() {
+        Ok(_) => return Vec::new(),
+        Err(error) => error,
+    };
+    let settings = config.collect().map(leaves).unwrap_or_default();
+    let mut problems: Vec<Problem> = Vec::new();
+    for (key, value) in settings {
+        let alone = config::Config::builder()
+            .set_override(key.as_str(), value)
+            .and_then(deserialize);
+        if let Err(error) = alone {
+            let found = problem(key, &error);
+            if !problems.contains(&found) {
+                problems.push(found);
+            }
+        }
+    }
+    if problems.is_empty() {
+        problems.push(problem(String::new(), &whole));
+    }
+    problems
+}
+
+/// Problems of the `UMA_` variables: each one tried alone over the defaults, so every bad
+/// variable is reported under its own name.
+fn variable_problems(variables: &BTreeMap<String, String>) -> Vec<Problem> {
+    let together = deserialize(config::Config::builder().add_source(environment(variables)));
+    let Err(together) = together else {
+        return Vec::new();
+    };
+    let mut problems = Vec::new();
+    for (name, value) in variables {
+        let one = BTreeMap::from([(name.clone(), value.clone())]);
+        if let Err(error) = deserialize(config::Config::builder().add_source(environment(&one))) {
+            problems.push(Problem {
+                file: variable_label(name),
+                line: None,
+                path: problem_path(setting_path(name), &error),
+                reason: reason_of(&error),
+            });
+        }
+    }
+    if problems.is_empty() {
+        problems.push(Problem {
+            file: "the environment".into(),
+            line: None,
+            path: key_of(&together).unwrap_or_default(),
+            reason: reason_of(&together),
+        });
+    }
+    problems
+}
+
+/// Where the values came from, so a problem names the file or the variable that set the value.
+struct Origins {
+    /// The configuration file as given (also when it is missing and the defaults apply).
+    file: String,
+    /// Setting path (`redis.pool_size`) → the `UMA_` variable that set it.
+    variables: HashMap<String, String>,
+}
+
+impl Origins {
+    fn of(&self, path: &str) -> String {
+        match self.variables.get(path) {
+            Some(name) => variable_label(name),
+            None => self.file.clone(),
+        }
+    }
+}
+
+/// The configuration file to read, and whether it exists (the default one may be missing).
+fn config_file(explicit: Option<&Path>) -> Result<(PathBuf, bool), Vec<Problem>> {
+    let (path, required) = match explicit {
+        Some(p) => (p.to_path_buf(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+    };
+    let problem = |reason: String| {
+        vec![Problem {
+            file: path.display().to_string(),
+            line: None,
+            path: String::new(),
+            reason,
+        }]
+    };
+    // A FIFO or a device would make the read below hang or never end.
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.is_file() => Ok((path, true)),
+        Ok(meta) => Err(problem(format!(
+            "not a regular file ({})",
+            crate::seed::file_type_name(meta.file_type())
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok((path, false)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(problem("the configuration file does not exist".into()))
+        }
+        Err(e) => Err(problem(format!("cannot read the configuration file: {e}"))),
+    }
+}
+
 impl Settings {
     /// Loads `explicit` (must exist) or the default file (may be missing), then `UMA_` variables from
-    /// `env` (the process environment when `None`).
+    /// `env` (the process environment when `None`). Kubernetes service links are ignored. Problems
+    /// name the file or the variable the value came from, and all of them are reported at once.
     pub fn load(
         explicit: Option<&Path>,
         env: Option<HashMap<String, String>>,
     ) -> Result<Loaded, Vec<Problem>> {
-        let (path, required) = match explicit {
-            Some(p) => (p.to_path_buf(), true),
-            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
-        };
+        let (path, exists) = config_file(explicit)?;
         let label = path.display().to_string();
-        let problem = |reason: String| {
-            vec![Problem {
-                file: label.clone(),
-                line: None,
-                path: String::new(),
-                reason,
-            }]
-        };
-        let exists = path.is_file();
-        if required && !exists {
-            return Err(problem("the configuration file does not exist".into()));
+        let (variables, mut problems) = setting_variables(env);
+        if exists {
+            problems.extend(file_problems(&path, &label));
         }
-        let environment = config::Environment::with_prefix("UMA")
-            .prefix_separator("_")
-            .separator("__")
-            .source(env);
+        problems.extend(variable_problems(&variables));
+        if !problems.is_empty() {
+            return Err(problems);
+        }
         let mut builder = config::Config::builder();
         if exists {
-            builder = builder
-                .add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
+            builder = builder.add_source(toml_file(&path));
         }
-        let settings: Settings = builder
-            .add_source(environment)
-            .build()
-            .and_then(config::Config::try_deserialize)
-            .map_err(|e| problem(e.to_string()))?;
-        settings.check(&label, exists.then_some(path))
+        // Each source deserialized on its own, so a failure here comes from their combination.
+        let settings = deserialize(builder.add_source(environment(&variables))).map_err(|e| {
+            vec![Problem {
+                file: format!("{label} with the environment"),
+                line: None,
+                path: key_of(&e).unwrap_or_default(),
+                reason: reason_of(&e),
+            }]
+        })?;
+        let origins = Origins {
+            file: label,
+            variables: variables
+                .into_keys()
+                .map(|name| (setting_path(&name), name))
+                .collect(),
+        };
+        settings.check(&origins, exists.then_some(path))
     }
 
-    fn check(self, label: &str, source: Option<PathBuf>) -> Result<Loaded, Vec<Problem>> {
-        let mut problems = Vec::new();
-        let mut report = |path: String, reason: String| {
-            problems.push(Problem {
-                file: label.to_owned(),
-                line: None,
-                path,
-                reason,
-            });
+    /// Semantic checks of every section; every problem is collected before failing.
+    fn check(mut self, origins: &Origins, source: Option<PathBuf>) -> Result<Loaded, Vec<Problem>> {
+        // An empty value (e.g. `UMA_AUTH__GATEWAY_SECRET=` in a manifest) means "not set".
+        self.auth.gateway_secret = self.auth.gateway_secret.filter(|s| !s.is_empty());
+        self.auth.default_uri = self.auth.default_uri.filter(|s| !s.is_empty());
+        let mut checker = Checker {
+            origins,
+            problems: Vec::new(),
         };
-        let listen = self.listen.parse::<SocketAddr>();
-        if let Err(e) = &listen {
-            report(
-                "listen".into(),
-                format!("`{}` is not an address:port ({e})", self.listen),
-            );
-        }
-        let timezone = jiff::tz::TimeZone::get(&self.tdl.timezone);
-        if timezone.is_err() {
-            report(
-                "tdl.timezone".into(),
-                format!("`{}` is not a known IANA time zone", self.tdl.timezone),
-            );
-        }
-        if self.tdl.flush_interval_ms == 0 {
-            report("tdl.flush_interval_ms".into(), "must be at least 1".into());
-        }
-        if self.tdl.retention_days == 0 {
-            report("tdl.retention_days".into(), "must be at least 1".into());
-        }
-        let redis_url = self.redis.url.trim();
-        if !redis_url.is_empty()
-            && let Err(e) = redis::IntoConnectionInfo::into_connection_info(redis_url)
-        {
-            report("redis.url".into(), format!("not a Redis URL ({e})"));
-        }
-        for (key, value) in [
-            ("redis.pool_size", self.redis.pool_size as u64),
-            ("redis.connect_timeout_ms", self.redis.connect_timeout_ms),
-            ("redis.command_timeout_ms", self.redis.command_timeout_ms),
-            ("redis.health_interval_ms", self.redis.health_interval_ms),
-            ("redis.cache_ttl_secs", self.redis.cache_ttl_secs),
-            ("tdl.max_pending_keys", self.tdl.max_pending_keys as u64),
-        ] {
-            if value == 0 {
-                report(key.into(), "must be at least 1".into());
-            }
-        }
-        if !matches!(self.log.format.as_str(), "text" | "json") {
-            report(
-                "log.format".into(),
-                format!("`{}` must be `text` or `json`", self.log.format),
-            );
-        }
-        if self.seed.path.as_os_str().is_empty() {
-            report("seed.path".into(), "must name the seed file".into());
-        }
-        let mut routes = Vec::new();
-        for (i, route) in self.routes.iter().enumerate() {
-            let path = format!("routes[{i}]");
-            if !route.prefix.starts_with('/') {
-                report(
-                    format!("{path}.prefix"),
-                    format!("`{}` must start with `/`", route.prefix),
-                );
-            }
-            // An empty pin counts as none, as an empty `metadata_id` does in a request.
-            if let Some(id) = &route.metadata_id
-                && !id.bytes().all(|b| b.is_ascii_graphic())
-            {
-                report(
-                    format!("{path}.metadata_id"),
-                    "must be visible ASCII without spaces".into(),
-                );
-            }
-            for (field, groups) in [
-                ("allow_groups", &route.allow_groups),
-                ("deny_groups", &route.deny_groups),
-            ] {
-                for (j, group) in groups.iter().enumerate() {
-                    if group.is_empty()
-                        || group.contains(',')
-                        || !group.bytes().all(|b| (0x20..0x7f).contains(&b))
-                    {
-                        report(
-                            format!("{path}.{field}[{j}]"),
-                            "must be printable ASCII without a comma".into(),
-                        );
-                    }
-                }
-            }
-            routes.push(ConfigRoute {
-                prefix: route.prefix.clone(),
-                metadata_id: route.metadata_id.clone().filter(|id| !id.is_empty()),
-                acl: Acl {
-                    allow: route.allow_groups.clone(),
-                    deny: route.deny_groups.clone(),
-                },
-            });
-        }
-        match (listen, timezone, problems.is_empty()) {
-            (Ok(listen), Ok(timezone), true) => Ok(Loaded {
+        let listen = checker.listen(&self.listen);
+        check_redis(&mut checker, &self.redis);
+        check_seed(&mut checker, &self.seed);
+        let timezone = check_tdl(&mut checker, &self.tdl);
+        check_cache(&mut checker, &self.cache);
+        check_server(&mut checker, &self.server);
+        check_auth(&mut checker, &self.auth);
+        check_log(&mut checker, &self.log);
+        let routes = check_routes(&mut checker, &self.routes);
+        match (listen, timezone) {
+            (Some(listen), Some(timezone)) if checker.problems.is_empty() => Ok(Loaded {
                 settings: self,
                 listen,
                 timezone,
                 routes,
                 source,
             }),
-            _ => Err(problems),
+            _ => Err(checker.problems),
         }
+    }
+}
+
+/// Collects semantic problems, each naming where its value came from.
+struct Checker<'a> {
+    origins: &'a Origins,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn report(&mut self, path: &str, reason: String) {
+        self.problems.push(Problem {
+            file: self.origins.of(path),
+            line: None,
+            path: path.to_owned(),
+            reason,
+        });
+    }
+
+    fn range(&mut self, bound: Bound, value: impl TryInto<u64>) {
+        // Only a usize wider than 64 bits could fail to convert: out of every range.
+        let value = value.try_into().unwrap_or(u64::MAX);
+        if !bound.contains(value) {
+            self.report(bound.path, bound.message(value));
+        }
+    }
+
+    fn listen(&mut self, listen: &str) -> Option<SocketAddr> {
+        match listen.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(e) => {
+                self.report(
+                    "listen",
+                    format!("`{}` is not an address:port ({e})", listen.escape_debug()),
+                );
+                None
+            }
+        }
+    }
+}
+
+fn check_redis(c: &mut Checker, redis: &RedisSettings) {
+    let url = redis.url.trim();
+    if !url.is_empty()
+        && let Err(e) = redis::IntoConnectionInfo::into_connection_info(url)
+    {
+        c.report("redis.url", format!("not a Redis URL ({e})"));
+    }
+    c.range(bounds::REDIS_CACHE_TTL_SECS, redis.cache_ttl_secs);
+    c.range(bounds::REDIS_POOL_SIZE, redis.pool_size);
+    c.range(bounds::REDIS_CONNECT_TIMEOUT_MS, redis.connect_timeout_ms);
+    c.range(bounds::REDIS_COMMAND_TIMEOUT_MS, redis.command_timeout_ms);
+    c.range(bounds::REDIS_HEALTH_INTERVAL_MS, redis.health_interval_ms);
+}
+
+fn check_seed(c: &mut Checker, seed: &SeedSettings) {
+    if seed.path.as_os_str().is_empty() {
+        c.report("seed.path", "must name the seed file".into());
+    }
+    c.range(bounds::SEED_MAX_BYTES, seed.max_bytes);
+}
+
+fn check_tdl(c: &mut Checker, tdl: &TdlSettings) -> Option<jiff::tz::TimeZone> {
+    let timezone = jiff::tz::TimeZone::get(&tdl.timezone).ok();
+    if timezone.is_none() {
+        c.report(
+            "tdl.timezone",
+            format!(
+                "`{}` is not a known IANA time zone",
+                tdl.timezone.escape_debug()
+            ),
+        );
+    }
+    c.range(bounds::TDL_FLUSH_INTERVAL_MS, tdl.flush_interval_ms);
+    c.range(bounds::TDL_RETENTION_DAYS, tdl.retention_days);
+    c.range(bounds::TDL_MAX_PENDING_KEYS, tdl.max_pending_keys);
+    c.range(bounds::TDL_MAX_HISTORY_KEYS, tdl.max_history_keys);
+    c.range(bounds::TDL_SHUTDOWN_FLUSH_MS, tdl.shutdown_flush_ms);
+    timezone
+}
+
+fn check_cache(c: &mut Checker, cache: &CacheSettings) {
+    c.range(bounds::CACHE_LOCAL_TTL_MS, cache.local_ttl_ms);
+    c.range(bounds::CACHE_NEGATIVE_TTL_MS, cache.negative_ttl_ms);
+    c.range(bounds::CACHE_MAX_ENTRIES, cache.max_entries);
+    c.range(bounds::CACHE_STALE_TTL_SECS, cache.stale_ttl_secs);
+}
+
+fn check_server(c: &mut Checker, server: &ServerSettings) {
+    c.range(bounds::SERVER_WORKERS, server.workers);
+    c.range(
+        bounds::SERVER_HEADER_READ_TIMEOUT_MS,
+        server.header_read_timeout_ms,
+    );
+    c.range(bounds::SERVER_IDLE_TIMEOUT_MS, server.idle_timeout_ms);
+    c.range(bounds::SERVER_MAX_CONNECTIONS, server.max_connections);
+    c.range(bounds::SERVER_SHUTDOWN_GRACE_MS, server.shutdown_grace_ms);
+}
+
+fn check_auth(c: &mut Checker, auth: &AuthSettings) {
+    if let Some(uri) = &auth.default_uri
+        && !(uri.starts_with('/') && uri.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        c.report(
+            "auth.default_uri",
+            format!(
+                "`{}` must start with `/` and be visible ASCII without spaces",
+                uri.escape_debug()
+            ),
+        );
+    }
+    // Compared with a header value, which cannot hold control bytes and loses surrounding
+    // spaces: such a secret would refuse every gateway. The secret itself is never printed.
+    if let Some(secret) = &auth.gateway_secret
+        && (!secret.bytes().all(|b| (0x20..0x7f).contains(&b))
+            || secret.starts_with(' ')
+            || secret.ends_with(' '))
+    {
+        c.report(
+            "auth.gateway_secret",
+            "must be printable ASCII without leading or trailing spaces".into(),
+        );
+    }
+}
+
+fn check_log(c: &mut Checker, log: &LogSettings) {
+    if !matches!(log.format.as_str(), "text" | "json") {
+        c.report(
+            "log.format",
+            format!("`{}` must be `text` or `json`", log.format.escape_debug()),
+        );
+    }
+}
+
+fn check_routes(c: &mut Checker, routes: &[RouteSettings]) -> Vec<ConfigRoute> {
+    routes
+        .iter()
+        .enumerate()
+        .map(|(i, route)| check_route(c, &format!("routes[{i}]"), route))
+        .collect()
+}
+
+fn check_route(c: &mut Checker, path: &str, route: &RouteSettings) -> ConfigRoute {
+    if !route.prefix.starts_with('/') {
+        c.report(
+            &format!("{path}.prefix"),
+            format!("`{}` must start with `/`", route.prefix.escape_debug()),
+        );
+    }
+    // An empty pin counts as none, as an empty `metadata_id` does in a request.
+    if let Some(id) = &route.metadata_id
+        && !id.bytes().all(|b| b.is_ascii_graphic())
+    {
+        c.report(
+            &format!("{path}.metadata_id"),
+            "must be visible ASCII without spaces".into(),
+        );
+    }
+    for (field, groups) in [
+        ("allow_groups", &route.allow_groups),
+        ("deny_groups", &route.deny_groups),
+    ] {
+        for (j, group) in groups.iter().enumerate() {
+            if group.is_empty()
+                || group.contains(',')
+                || !group.bytes().all(|b| (0x20..0x7f).contains(&b))
+            {
+                c.report(
+                    &format!("{path}.{field}[{j}]"),
+                    "must be printable ASCII without a comma".into(),
+                );
+            }
+        }
+    }
+    ConfigRoute {
+        prefix: route.prefix.clone(),
+        metadata_id: route.metadata_id.clone().filter(|id| !id.is_empty()),
+        acl: Acl {
+            allow: route.allow_groups.clone(),
+            deny: route.deny_groups.clone(),
+        },
     }
 }
 
@@ -594,5 +1098,254 @@ mod tests {
         assert!(err[0].reason.contains("redis_url"), "{err:?}");
         let (_dir, path) = write("[tdl]\nmode = \"sometimes\"\n");
         assert!(Settings::load(Some(&path), env(&[])).is_err());
+    }
+
+    /// The variable that sets a setting path: `tdl.retention_days` → `UMA_TDL__RETENTION_DAYS`.
+    fn variable(path: &str) -> String {
+        format!("UMA_{}", path.replace('.', "__").to_ascii_uppercase())
+    }
+
+    /// Loads an empty config file with `pairs` as the environment.
+    fn load_env(pairs: &[(&str, &str)]) -> Result<Loaded, Vec<Problem>> {
+        let (_dir, path) = write("");
+        Settings::load(Some(&path), env(pairs))
+    }
+
+    fn assert_refused(bound: Bound, value: &str, reason: &str) {
+        let name = variable(bound.path);
+        let err = load_env(&[(&name, value)]).expect_err(&format!("{name}={value} accepted"));
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert_eq!(err[0].file, format!("environment variable {name}"));
+        assert_eq!(err[0].path, bound.path);
+        assert!(err[0].reason.contains(reason), "{name}={value}: {err:?}");
+    }
+
+    #[test]
+    fn every_numeric_setting_has_its_bounds_enforced() {
+        for bound in bounds::ALL {
+            let name = variable(bound.path);
+            for ok in [bound.min, bound.max] {
+                let loaded = load_env(&[(&name, &ok.to_string())]);
+                assert!(loaded.is_ok(), "{name}={ok}: {:?}", loaded.err());
+            }
+            let above = bound.max + 1;
+            assert_refused(bound, &above.to_string(), &bound.message(above));
+            match bound.min.checked_sub(1) {
+                Some(below) => assert_refused(bound, &below.to_string(), &bound.message(below)),
+                // No unsigned setting takes a negative number.
+                None => assert_refused(bound, "-1", "invalid"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_range_message_names_the_range_and_the_value() {
+        let err = load_env(&[("UMA_TDL__RETENTION_DAYS", "100000000")]).unwrap_err();
+        assert_eq!(
+            err[0].to_string(),
+            "environment variable UMA_TDL__RETENTION_DAYS: tdl.retention_days: \
+             must be between 1 and 3650 (10 years); got 100000000"
+        );
+    }
+
+    #[test]
+    fn an_out_of_range_value_in_the_file_names_the_file() {
+        let (_dir, path) = write("[server]\nworkers = 100000\nheader_read_timeout_ms = 0\n");
+        let err = Settings::load(Some(&path), env(&[])).unwrap_err();
+        let label = path.display().to_string();
+        let found: Vec<(&str, &str)> = err
+            .iter()
+            .map(|p| (p.file.as_str(), p.path.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (label.as_str(), "server.workers"),
+                (label.as_str(), "server.header_read_timeout_ms")
+            ]
+        );
+        // The environment wins, and then the problem is the variable's.
+        let err = Settings::load(
+            Some(&path),
+            env(&[
+                ("UMA_SERVER__WORKERS", "2000"),
+                ("UMA_SERVER__HEADER_READ_TIMEOUT_MS", "1"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert_eq!(err[0].file, "environment variable UMA_SERVER__WORKERS");
+    }
+
+    /// The leaves of config/default.toml that are integers: every one must have a bound.
+    #[test]
+    fn every_integer_of_the_default_file_has_a_bound() {
+        let config = config::Config::builder()
+            .add_source(toml_file(Path::new(DEFAULT_CONFIG_PATH)))
+            .build()
+            .unwrap();
+        let settings = leaves(config.collect().unwrap());
+        let integers: std::collections::BTreeSet<String> = settings
+            .into_iter()
+            .filter(|(_, v)| matches!(v.kind, ValueKind::I64(_) | ValueKind::U64(_)))
+            .map(|(k, _)| k)
+            .collect();
+        let bounded: std::collections::BTreeSet<String> =
+            bounds::ALL.iter().map(|b| b.path.to_owned()).collect();
+        assert_eq!(integers, bounded);
+        for bound in bounds::ALL {
+            let default = config.get::<u64>(bound.path).unwrap();
+            assert!(bound.contains(default), "{}: default {default}", bound.path);
+        }
+    }
+
+    /// The maxima against the code that panicked or overflowed with larger values (review D9).
+    #[test]
+    fn the_maxima_stay_clear_of_known_panics() {
+        // moka refuses a time to live over 1000 years: the real cache builder, both maxima.
+        let cache = CacheSettings {
+            local_ttl_ms: bounds::CACHE_LOCAL_TTL_MS.max,
+            negative_ttl_ms: bounds::CACHE_NEGATIVE_TTL_MS.max,
+            max_entries: bounds::CACHE_MAX_ENTRIES.max,
+            stale_ttl_secs: bounds::CACHE_STALE_TTL_SECS.max,
+        };
+        let _ = crate::lookup::Resolver::new(None, &cache, bounds::REDIS_CACHE_TTL_SECS.max);
+        // tdl.rs prunes with `Span::days(retention_days - 1)`, which panics past ~7.3 million.
+        let days = i64::try_from(bounds::TDL_RETENTION_DAYS.max).unwrap() - 1;
+        assert!(jiff::Span::new().try_days(days).is_ok());
+        // service.rs waits `command_timeout_ms * 2 + 10` in sync mode.
+        let wait = bounds::REDIS_COMMAND_TIMEOUT_MS.max.checked_mul(2);
+        assert!(wait.and_then(|w| w.checked_add(10)).is_some());
+        for (name, value) in [
+            ("UMA_TDL__RETENTION_DAYS", "100000000"),
+            ("UMA_CACHE__STALE_TTL_SECS", "100000000000"),
+            ("UMA_SERVER__WORKERS", "100000"),
+            ("UMA_REDIS__COMMAND_TIMEOUT_MS", "18446744073709551615"),
+        ] {
+            let err = load_env(&[(name, value)]).unwrap_err();
+            assert!(err[0].reason.starts_with("must be between"), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn kubernetes_service_links_are_ignored() {
+        let links = [
+            ("UMA_PORT", "tcp://10.0.0.1:8089"),
+            ("UMA_SERVICE_HOST", "10.0.0.1"),
+            ("UMA_SERVICE_PORT", "8089"),
+            ("UMA_SERVICE_PORT_HTTP", "8089"),
+            ("UMA_PORT_8089_TCP", "tcp://10.0.0.1:8089"),
+            ("UMA_PORT_8089_TCP_PROTO", "tcp"),
+            ("UMA_PORT_8089_TCP_PORT", "8089"),
+            ("UMA_PORT_8089_TCP_ADDR", "10.0.0.1"),
+        ];
+        let loaded = load_env(&links).unwrap();
+        assert_eq!(loaded.settings, Settings::default());
+        // A typo next to them is still refused, under its own name.
+        let mut with_typo = links.to_vec();
+        with_typo.push(("UMA_REDIS_URL", "x"));
+        let err = load_env(&with_typo).unwrap_err();
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert_eq!(err[0].file, "environment variable UMA_REDIS_URL");
+        assert!(
+            err[0].reason.contains("unknown field `redis_url`"),
+            "{err:?}"
+        );
+        // Unknown keys in the file stay errors, service-link-like or not.
+        let (_dir, path) = write("port = 8089\n");
+        let err = Settings::load(Some(&path), env(&[])).unwrap_err();
+        assert!(err[0].reason.contains("unknown field `port`"), "{err:?}");
+    }
+
+    #[test]
+    fn every_bad_key_of_the_file_and_the_environment_is_reported_at_once() {
+        let (_dir, path) = write(
+            "[redis]\npool_size = \"many\"\nbogus = 1\n[tdl]\nmode = \"sometimes\"\n[[routes]]\nprefix = \"/a\"\nzzz = 1\n",
+        );
+        let err = Settings::load(
+            Some(&path),
+            env(&[
+                ("UMA_CACHE__MAX_ENTRIES", "lots"),
+                ("UMA_REDIS_URL", "redis://x"),
+            ]),
+        )
+        .unwrap_err();
+        let label = path.display().to_string();
+        let found: Vec<(String, &str)> = err
+            .iter()
+            .map(|p| (p.file.replace(&label, "FILE"), p.path.as_str()))
+            .collect();
+        let expected: Vec<(String, &str)> = [
+            ("FILE", "redis.bogus"),
+            ("FILE", "redis.pool_size"),
+            ("FILE", "routes[0]"),
+            ("FILE", "tdl.mode"),
+            (
+                "environment variable UMA_CACHE__MAX_ENTRIES",
+                "cache.max_entries",
+            ),
+            ("environment variable UMA_REDIS_URL", "redis_url"),
+        ]
+        .into_iter()
+        .map(|(f, p)| (f.to_owned(), p))
+        .collect();
+        assert_eq!(found, expected, "{err:?}");
+        assert!(err[0].reason.contains("unknown field `bogus`"), "{err:?}");
+        assert!(err[1].reason.contains("invalid type"), "{err:?}");
+        assert!(
+            !err[1].reason.contains(&label),
+            "the file is named once: {err:?}"
+        );
+    }
+
+    #[test]
+    fn a_toml_syntax_error_names_its_line() {
+        let (_dir, path) = write("listen = \"127.0.0.1:8089\"\n[redis\n");
+        let err = Settings::load(Some(&path), env(&[])).unwrap_err();
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert_eq!(err[0].line, Some(2), "{err:?}");
+        assert!(err[0].reason.starts_with("TOML syntax error"), "{err:?}");
+        assert!(!err[0].reason.contains('\n'), "{err:?}");
+    }
+
+    #[test]
+    fn a_config_path_that_is_not_a_regular_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Settings::load(Some(dir.path()), env(&[])).unwrap_err();
+        assert_eq!(err[0].reason, "not a regular file (a directory)");
+        let err = Settings::load(Some(Path::new("/dev/null")), env(&[])).unwrap_err();
+        assert_eq!(err[0].reason, "not a regular file (a character device)");
+    }
+
+    #[test]
+    fn empty_auth_strings_count_as_unset() {
+        let loaded = load_env(&[
+            ("UMA_AUTH__GATEWAY_SECRET", ""),
+            ("UMA_AUTH__DEFAULT_URI", ""),
+        ])
+        .unwrap();
+        assert_eq!(loaded.settings.auth.gateway_secret, None);
+        assert_eq!(loaded.settings.auth.default_uri, None);
+        let (_dir, path) = write("[auth]\ngateway_secret = \"\"\ndefault_uri = \"/\"\n");
+        let loaded = Settings::load(Some(&path), env(&[])).unwrap();
+        assert_eq!(loaded.settings.auth.gateway_secret, None);
+        assert_eq!(loaded.settings.auth.default_uri.as_deref(), Some("/"));
+    }
+
+    #[test]
+    fn auth_strings_are_checked() {
+        let err = load_env(&[
+            ("UMA_AUTH__DEFAULT_URI", "v1/chat"),
+            ("UMA_AUTH__GATEWAY_SECRET", " s3cret-value"),
+        ])
+        .unwrap_err();
+        let paths: Vec<&str> = err.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["auth.default_uri", "auth.gateway_secret"]);
+        assert!(err[0].reason.contains("must start with `/`"), "{err:?}");
+        assert!(
+            !err.iter().any(|p| p.to_string().contains("s3cret")),
+            "the secret is never printed: {err:?}"
+        );
+        assert!(load_env(&[("UMA_AUTH__DEFAULT_URI", "/v1/chat?x=1")]).is_ok());
     }
 }

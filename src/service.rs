@@ -25,7 +25,7 @@ use crate::tdl::TdlCounters;
 /// Loads the seed (at `seed_path`, or the config's) and indexes it with the config routes.
 pub fn load_catalog(loaded: &Loaded, seed_path: Option<&Path>) -> Result<Catalog, Vec<Problem>> {
     let path = seed_path.unwrap_or(&loaded.settings.seed.path);
-    let data = seed::load_file(path)?;
+    let data = seed::load_file(path, loaded.settings.seed.max_bytes)?;
     let policy = Policy {
         global: data.global,
         global_acl: data.global_acl,

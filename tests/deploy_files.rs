@@ -1075,6 +1075,27 @@ fn kubernetes_manifests_agree_with_the_image_and_config() {
     );
     assert_check_passes(&env, &args[2], "deployment.yaml");
 
+    // Service links off (a Service named `uma` would inject UMA_PORT, UMA_SERVICE_HOST, ...), and
+    // the service starts even where they are on: SPEC §2 has it ignore them.
+    assert_eq!(
+        pod["enableServiceLinks"], false,
+        "deployment.yaml: enableServiceLinks: false"
+    );
+    let mut with_links = env.clone();
+    for (name, value) in [
+        ("UMA_SERVICE_HOST", "10.96.0.12"),
+        ("UMA_SERVICE_PORT", "8089"),
+        ("UMA_SERVICE_PORT_UMA", "8089"),
+        ("UMA_PORT", "tcp://10.96.0.12:8089"),
+        ("UMA_PORT_8089_TCP", "tcp://10.96.0.12:8089"),
+        ("UMA_PORT_8089_TCP_PROTO", "tcp"),
+        ("UMA_PORT_8089_TCP_PORT", "8089"),
+        ("UMA_PORT_8089_TCP_ADDR", "10.96.0.12"),
+    ] {
+        with_links.push((name.to_owned(), value.to_owned()));
+    }
+    assert_check_passes(&with_links, &args[2], "deployment.yaml with service links");
+
     // The config directory is the uma-config ConfigMap of configmap.yaml.
     let mount = uma["volumeMounts"]
         .as_array()

@@ -956,7 +956,8 @@ plugins:
         .set("tags", "[\"user1-access\"]")
         .set("created_at", "1700000000");
     consumer.other_plugins = vec![
-        "      - name: key-auth\n        config: {key_names: [apikey], anything: 1}\n".to_owned(),
+        "      - name: request-transformer\n        config: {add: {headers: [x]}, anything: 1}\n"
+            .to_owned(),
         "      - name: rate-limiting\n        config: {minute: 5}\n        enabled: true\n"
             .to_owned(),
     ];
@@ -1144,4 +1145,149 @@ fn the_bundled_seed_passes() {
         "{stdout}{stderr}"
     );
     assert!(!stderr.contains("error:"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Seed file safety (SPEC §2): only a regular file of at most `seed.max_bytes` is read
+// ---------------------------------------------------------------------------------------------
+
+/// An embedded-mode config in `dir` whose `[seed] path` is `seed`.
+fn config_for_seed(dir: &Path, seed: &Path) -> PathBuf {
+    let config = dir.join("uma.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\n[redis]\nurl = \"\"\n[seed]\npath = {:?}\n",
+            seed.display().to_string()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// Runs the binary with `args` and `env`; fails the test if it is still running after 2 s.
+fn run_within_2s(args: &[&std::ffi::OsStr], env: &[(&str, &str)], seed: &Path) -> Outcome {
+    let start = Instant::now();
+    let mut child = command()
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(2) {
+            child.kill().unwrap();
+            let out = output_of(child.wait_with_output().unwrap(), seed);
+            panic!("{args:?} still running after 2 s\n{}", out.show());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    output_of(child.wait_with_output().unwrap(), seed)
+}
+
+/// `check` and `serve` with `seed` as the configured seed both exit 1 within 2 s, printing the same
+/// single problem: `error: SEED: <reason>`.
+fn assert_seed_refused(seed: &Path, env: &[(&str, &str)], reason: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_for_seed(dir.path(), seed);
+    let mut outcomes = Vec::new();
+    for sub in ["check", "serve"] {
+        let args = [sub.as_ref(), "--config".as_ref(), config.as_os_str()];
+        let out = run_within_2s(&args, env, seed);
+        assert_eq!(out.code, Some(1), "{sub}\n{}", out.show());
+        assert_eq!(
+            out.errors(),
+            [format!("error: {}: {reason}", seed.display())],
+            "{sub}\n{}",
+            out.show()
+        );
+        outcomes.push(out.errors().join("\n"));
+    }
+    assert_eq!(outcomes[0], outcomes[1], "check and serve say the same");
+}
+
+fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+#[test]
+fn a_fifo_as_seed_is_refused_without_waiting_for_a_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("seed.yaml");
+    mkfifo(&fifo);
+    assert_seed_refused(&fifo, &[], "not a regular file (a FIFO)");
+    // The same through `check --seed`, and through a symbolic link (as Kubernetes mounts files).
+    let link = dir.path().join("link.yaml");
+    std::os::unix::fs::symlink(&fifo, &link).unwrap();
+    let valid = write_files(&consumers(&[Consumer::valid("user1")]));
+    let args = [
+        "check".as_ref(),
+        "--config".as_ref(),
+        valid.config.as_os_str(),
+        "--seed".as_ref(),
+        link.as_os_str(),
+    ];
+    let out = run_within_2s(&args, &[], &link);
+    assert_eq!(out.code, Some(1), "{}", out.show());
+    assert_eq!(
+        out.errors(),
+        [format!(
+            "error: {}: not a regular file (a FIFO)",
+            link.display()
+        )]
+    );
+}
+
+#[test]
+fn a_device_as_seed_is_refused() {
+    assert_seed_refused(
+        Path::new("/dev/zero"),
+        &[],
+        "not a regular file (a character device)",
+    );
+}
+
+#[test]
+fn a_directory_as_seed_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_seed_refused(dir.path(), &[], "not a regular file (a directory)");
+}
+
+#[test]
+fn a_seed_larger_than_max_bytes_is_refused_and_one_at_the_limit_passes() {
+    let files = write_files(&consumers(&[Consumer::valid("user1")]));
+    let size = std::fs::metadata(&files.seed).unwrap().len();
+    let limit = (size - 1).to_string();
+    assert_seed_refused(
+        &files.seed,
+        &[("UMA_SEED__MAX_BYTES", &limit)],
+        &format!("is {size} bytes, larger than seed.max_bytes ({limit})"),
+    );
+    let at_limit = size.to_string();
+    let args = [
+        "check".as_ref(),
+        "--config".as_ref(),
+        files.config.as_os_str(),
+    ];
+    let out = run_within_2s(&args, &[("UMA_SEED__MAX_BYTES", &at_limit)], &files.seed);
+    assert_eq!(out.code, Some(0), "{}", out.show());
+}
+
+#[test]
+fn a_symbolic_link_to_a_regular_seed_is_read() {
+    let files = write_files(&consumers(&[Consumer::valid("user1")]));
+    let link = files.seed.with_file_name("link.yaml");
+    std::os::unix::fs::symlink(&files.seed, &link).unwrap();
+    let args = [
+        "check".as_ref(),
+        "--config".as_ref(),
+        files.config.as_os_str(),
+        "--seed".as_ref(),
+        link.as_os_str(),
+    ];
+    let out = run_within_2s(&args, &[], &link);
+    assert_eq!(out.code, Some(0), "{}", out.show());
+    assert!(out.stdout.starts_with("ok: 1 consumers"), "{}", out.show());
 }

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use crate::core::request::ReadRules;
 pub use crate::core::request::{EntrySelector, OriginalSource};
 use crate::core::routes::{Acl, ConfigRoute};
+use crate::core::text::Text;
 use crate::problem::Problem;
 
 pub const DEFAULT_CONFIG_PATH: &str = "config/default.toml";
@@ -901,27 +902,23 @@ fn check_route(c: &mut Checker, path: &str, route: &RouteSettings) -> ConfigRout
         );
     }
     // An empty pin counts as none, as an empty `metadata_id` does in a request.
-    if let Some(id) = &route.metadata_id
-        && !id.bytes().all(|b| b.is_ascii_graphic())
+    if let Some(id) = route.metadata_id.as_deref().filter(|id| !id.is_empty())
+        && let Err(reason) = Text::Visible.check(id)
     {
-        c.report(
-            &format!("{path}.metadata_id"),
-            "must be visible ASCII without spaces".into(),
-        );
+        c.report(&format!("{path}.metadata_id"), reason.into());
     }
     for (field, groups) in [
         ("allow_groups", &route.allow_groups),
         ("deny_groups", &route.deny_groups),
     ] {
         for (j, group) in groups.iter().enumerate() {
-            if group.is_empty()
-                || group.contains(',')
-                || !group.bytes().all(|b| (0x20..0x7f).contains(&b))
-            {
-                c.report(
-                    &format!("{path}.{field}[{j}]"),
-                    "must be printable ASCII without a comma".into(),
-                );
+            let checked = if group.is_empty() {
+                Err("must not be empty")
+            } else {
+                Text::Group.check(group)
+            };
+            if let Err(reason) = checked {
+                c.report(&format!("{path}.{field}[{j}]"), reason.into());
             }
         }
     }

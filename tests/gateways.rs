@@ -484,3 +484,31 @@ fn the_services_own_endpoints_are_proxied_by_nginx() {
     let r = gateway.call("GET", "/api/tdl-matrix", &[("apikey", USER1_KEY)], "");
     assert_eq!(r.json()["timezone"], "UTC");
 }
+
+#[test]
+fn non_ascii_queries_and_paths_never_skip_the_acl() {
+    // nginx and Caddy pass a client's raw bytes on; the service reads them as percent-encoded
+    // (SPEC §4) instead of treating the URI as absent, which once skipped every ACL.
+    let echo = Echo::start();
+    for (name, start, source) in [
+        ("nginx", Gateway::nginx as Start, "original"),
+        ("caddy", Gateway::caddy as Start, "forwarded"),
+    ] {
+        for service in [
+            Service::bundled(),
+            Service::bundled_with_env(&[("UMA_AUTH__ORIGINAL_REQUEST", source)]),
+        ] {
+            let gateway = start(service.addr, echo.addr);
+            for path in ["/gpt4o/chat?x=é", "/gpt4o/chat/é", "/gpt4o/ch%C3%A4t/../chat?q=ü"] {
+                let r = gateway.call("GET", path, &[("apikey", USER1_KEY)], "");
+                assert_eq!(r.status, 403, "{name} ({source}) {path}: {r:?}");
+            }
+            let r = gateway.call("GET", "/gpt4o/chat?x=é", &[("apikey", ADMIN_KEY)], "");
+            let got = Received::of(&r);
+            assert_eq!(got.header("X-Consumer-ID").as_deref(), Some("azure-gpt4o"), "{name}");
+            let r = gateway.call("GET", "/midm-base/chat?x=é", &[("apikey", USER1_KEY)], "");
+            let got = Received::of(&r);
+            assert_eq!(got.header("X-Consumer-ID").as_deref(), Some("kt-midm-base"), "{name}");
+        }
+    }
+}

@@ -499,16 +499,28 @@ fn non_ascii_queries_and_paths_never_skip_the_acl() {
             Service::bundled_with_env(&[("UMA_AUTH__ORIGINAL_REQUEST", source)]),
         ] {
             let gateway = start(service.addr, echo.addr);
-            for path in ["/gpt4o/chat?x=é", "/gpt4o/chat/é", "/gpt4o/ch%C3%A4t/../chat?q=ü"] {
+            for path in [
+                "/gpt4o/chat?x=é",
+                "/gpt4o/chat/é",
+                "/gpt4o/ch%C3%A4t/../chat?q=ü",
+            ] {
                 let r = gateway.call("GET", path, &[("apikey", USER1_KEY)], "");
                 assert_eq!(r.status, 403, "{name} ({source}) {path}: {r:?}");
             }
             let r = gateway.call("GET", "/gpt4o/chat?x=é", &[("apikey", ADMIN_KEY)], "");
             let got = Received::of(&r);
-            assert_eq!(got.header("X-Consumer-ID").as_deref(), Some("azure-gpt4o"), "{name}");
+            assert_eq!(
+                got.header("X-Consumer-ID").as_deref(),
+                Some("azure-gpt4o"),
+                "{name}"
+            );
             let r = gateway.call("GET", "/midm-base/chat?x=é", &[("apikey", USER1_KEY)], "");
             let got = Received::of(&r);
-            assert_eq!(got.header("X-Consumer-ID").as_deref(), Some("kt-midm-base"), "{name}");
+            assert_eq!(
+                got.header("X-Consumer-ID").as_deref(),
+                Some("kt-midm-base"),
+                "{name}"
+            );
         }
     }
 }

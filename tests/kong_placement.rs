@@ -438,3 +438,40 @@ plugins:
     let (ok, stderr) = check(&text);
     assert!(ok, "{stderr}");
 }
+
+#[test]
+fn route_lists_count_as_entries_and_satisfy_config_pins() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed_text = seed(&format!(
+        "routes:\n  - name: r\n    paths: [/r]\n    plugins:\n      - name: user-metadata\n        config: {{metadata_list: [{}]}}\n",
+        ENTRY.replace("id: g", "id: route-only")
+    ));
+    let seed_path = write_file(dir.path(), "kong.yaml", &seed_text);
+    let config = write_file(
+        dir.path(),
+        "uma.toml",
+        "[[routes]]\nprefix = \"/r\"\nmetadata_id = \"route-only\"\n\n[[routes]]\nprefix = \"/x\"\nmetadata_id = \"nowhere\"\n",
+    );
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .arg("--seed")
+        .arg(&seed_path)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("1 metadata entries"), "{stdout}");
+    assert!(
+        !stderr.contains("`route-only`"),
+        "a false warning: {stderr}"
+    );
+    assert!(
+        stderr.contains("routes[1].metadata_id: `nowhere` is in no metadata list"),
+        "{stderr}"
+    );
+}

@@ -18,7 +18,10 @@ fn service(redis: &Redis) -> Service {
     ]);
     let started = Instant::now();
     while service.get("/readyz", &[]).json()["redis"]["connected"] != true {
-        assert!(started.elapsed() < Duration::from_secs(10), "never connected");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never connected"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     service
@@ -42,10 +45,17 @@ fn an_operator_record_over_the_header_budget_is_never_answered() {
         groups.join(",")
     );
     redis.cli(&["SET", "uma:consumer:{op-wide}", &record]);
-    redis.cli(&["SET", &format!("uma:key:{}", hash("op-wide-key")), "op-wide"]);
+    redis.cli(&[
+        "SET",
+        &format!("uma:key:{}", hash("op-wide-key")),
+        "op-wide",
+    ]);
     let r = service.get(
         "/auth",
-        &[("apikey", "op-wide-key"), ("X-Forwarded-Uri", "/midm-base/chat")],
+        &[
+            ("apikey", "op-wide-key"),
+            ("X-Forwarded-Uri", "/midm-base/chat"),
+        ],
     );
     // Not a consumer the service can answer for: refused as unknown, never a 6 KB head.
     assert_eq!(r.status, 401, "{r:?}");
@@ -53,7 +63,9 @@ fn an_operator_record_over_the_header_budget_is_never_answered() {
     assert!(head < 1024, "answer head of {head} bytes");
     let metrics = service.get("/metrics", &[]).body;
     assert!(
-        metrics.lines().any(|l| l == "uma_redis_corrupt_records_total 1"),
+        metrics
+            .lines()
+            .any(|l| l == "uma_redis_corrupt_records_total 1"),
         "{metrics}"
     );
 
@@ -63,7 +75,10 @@ fn an_operator_record_over_the_header_budget_is_never_answered() {
     std::thread::sleep(Duration::from_millis(100));
     let r = service.get(
         "/auth",
-        &[("apikey", "op-wide-key"), ("X-Forwarded-Uri", "/midm-base/chat")],
+        &[
+            ("apikey", "op-wide-key"),
+            ("X-Forwarded-Uri", "/midm-base/chat"),
+        ],
     );
     assert_eq!(r.status, 403, "{r:?}");
 }

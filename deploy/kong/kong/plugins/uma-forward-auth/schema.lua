@@ -15,8 +15,10 @@ return {
           { auth_url = typedefs.url({ required = true, default = "http://127.0.0.1:8089/auth" }) },
           -- Connect, send and read timeout towards the service, in milliseconds.
           { timeout = { type = "integer", required = true, default = 500, between = { 1, 60000 } } },
-          -- Idle keep-alive connections to the service: how long (ms) and how many per worker.
-          { keepalive_timeout = { type = "integer", required = true, default = 60000, gt = 0 } },
+          -- Idle keep-alive connections to the service: how long (ms) and how many per worker. Keep
+          -- it below the service's idle timeout (server.idle_timeout_ms, and hyper's header-read
+          -- timeout between requests), so a call never races the service closing its connection.
+          { keepalive_timeout = { type = "integer", required = true, default = 5000, gt = 0 } },
           { keepalive_pool = { type = "integer", required = true, default = 64, gt = 0 } },
           -- Remove the client's apikey / x-api-key headers and apikey query parameter upstream.
           { hide_credentials = { type = "boolean", required = true, default = true } },

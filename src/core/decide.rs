@@ -27,6 +27,9 @@ pub struct Policy {
     /// them already, when nothing more specific applies).
     pub global_acl: Option<Acl>,
     pub global_key_auth: Option<KeyAuth>,
+    /// Whether any seed route has `hosts` (set by [`Policy::build`]): only then is the request's
+    /// host normalized.
+    pub routes_use_hosts: bool,
 }
 
 /// Everything loaded from the seed and config: consumers by key digest, and the policy.
@@ -121,6 +124,7 @@ impl Policy {
     ) -> Policy {
         let mut policy = Policy::default();
         for (route, paths) in seed_routes {
+            policy.routes_use_hosts |= !route.hosts.is_empty();
             policy.seed_routes.insert(route, &paths);
         }
         for route in config_routes {
@@ -139,7 +143,10 @@ impl Policy {
         original: &OriginalRequest,
         route_name: Option<&str>,
     ) -> RouteMatch<'_> {
-        let host = original.host.map(normalize_host);
+        let host = original
+            .host
+            .filter(|_| self.routes_use_hosts)
+            .map(normalize_host);
         let select = |path: &str| {
             self.seed_routes
                 .select(path, original.method, host.as_deref())

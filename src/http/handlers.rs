@@ -165,9 +165,7 @@ impl App {
         let routes = catalog.policy.route_match(&request.original, None);
         let key = request.key(&catalog.policy.key_auths(&routes));
         let consumer = self.consumer(&catalog, &key).await?;
-        if matches!(routes.seed, crate::core::routes::SeedMatch::UnknownName)
-            || !catalog.policy.acl_permits(&consumer, &routes)
-        {
+        if !catalog.policy.acl_permits(&consumer, &routes) {
             return Err(Refusal::Forbidden(Forbidden::Acl));
         }
         let body = match endpoint {

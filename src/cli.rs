@@ -164,6 +164,7 @@ async fn serve_until_signal(loaded: Loaded, catalog: Catalog) -> ExitCode {
         tracing::info!("redis.url is empty: embedded mode (seed, in-process cache and counters)");
     }
     let shutdown = shutdown_signal();
+    keep_serving_on_other_signals();
     let (app, background) = service::build_app(&loaded, catalog, Arc::new(SystemClock));
     let (listener, addr) = match crate::http::bind(loaded.listen).await {
         Ok(bound) => bound,
@@ -194,6 +195,35 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             _ => {
                 tracing::warn!("cannot install signal handlers; stop with SIGKILL");
                 std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+/// SIGHUP, SIGUSR1 and SIGUSR2 never stop the service (SPEC §2), yet their default action is to
+/// kill the process, counters unflushed. Handled here, before the listener is announced, for the
+/// same reason as [`shutdown_signal`]; each is logged and the service keeps serving.
+fn keep_serving_on_other_signals() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let signals = [
+        (
+            SignalKind::hangup(),
+            "SIGHUP: reload is not available yet; keeping the running config and seed",
+        ),
+        (SignalKind::user_defined1(), "SIGUSR1: ignored"),
+        (SignalKind::user_defined2(), "SIGUSR2: ignored"),
+    ];
+    for (kind, message) in signals {
+        match signal(kind) {
+            Ok(mut received) => {
+                tokio::spawn(async move {
+                    while received.recv().await.is_some() {
+                        tracing::info!("{message}");
+                    }
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot handle a signal; it would stop the service: {message}")
             }
         }
     }

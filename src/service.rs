@@ -161,6 +161,8 @@ impl Background {
 pub fn serve_options(loaded: &Loaded) -> ServeOptions {
     ServeOptions {
         header_read_timeout: Duration::from_millis(loaded.settings.server.header_read_timeout_ms),
+        idle_timeout: Duration::from_millis(loaded.settings.server.idle_timeout_ms),
+        max_connections: loaded.settings.server.max_connections,
         shutdown_grace: Duration::from_millis(loaded.settings.server.shutdown_grace_ms),
     }
 }

@@ -1,10 +1,13 @@
 //! The HTTP adapter: hyper 1.x connections (HTTP/1.1 and h2c), graceful shutdown.
 //!
-//! hyper's header read timeout only works with a timer installed, so one is always set. On shutdown
-//! the listener closes first, in-flight requests finish, and idle keep-alive connections are given at
-//! most the grace period before they are dropped.
+//! The connection rules of SPEC §2 (header and idle timeouts, the connection limit, descriptor
+//! exhaustion) live in [`conn`]; hyper's own h1 header timeout is off because it also closes idle
+//! keep-alive connections (see there). On shutdown the listener closes first, in-flight requests
+//! finish, and idle keep-alive connections are given at most the grace period before they are
+//! dropped.
 
 pub mod answer;
+mod conn;
 pub mod handlers;
 
 use std::convert::Infallible;
@@ -17,7 +20,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 pub use handlers::App;
@@ -26,6 +28,8 @@ pub use handlers::App;
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
     pub shutdown_grace: Duration,
 }
 
@@ -36,56 +40,44 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) {
+    let limits = conn::Limits::new(
+        options.header_read_timeout,
+        options.idle_timeout,
+        options.max_connections,
+    );
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout)
+        // Off: `conn` times heads itself (hyper's timer would also cut idle keep-alives short).
+        .header_read_timeout(None)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
+    let mut acceptor = conn::Acceptor::new(listener, limits);
     // Gateways should reuse connections; this shows whether they do.
     let accepted = metrics::counter!("uma_http_connections_total");
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
+            pair = acceptor.accept() => pair,
             () = &mut shutdown => break,
         };
         accepted.increment(1);
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
+        let admitted = acceptor.admit(app.clone());
+        let tracked = admitted.tracked();
         let service = service_fn(move |request: hyper::Request<Incoming>| {
-            let app = app.clone();
+            let in_flight = tracked.begin();
             async move {
                 // The body is dropped unread: the decision needs only the head.
                 let (parts, _body) = request.into_parts();
-                Ok::<_, Infallible>(app.respond(&parts).await)
+                Ok::<_, Infallible>(in_flight.respond(&parts).await)
             }
         });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
-            }
-        });
+        let io = TokioIo::new(admitted.watch(stream));
+        let connection = builder.serve_connection(io, service).into_owned();
+        tokio::spawn(admitted.drive(connection, |c| c.graceful_shutdown(), peer));
     }
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(options.shutdown_grace) => tracing::warn!("grace period over; closing remaining connections"),
-    }
+    acceptor.shutdown(options.shutdown_grace).await;
 }
 
 /// Binds the listener, reporting the address actually bound (port 0 picks a free one).

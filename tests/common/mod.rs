@@ -98,7 +98,8 @@ impl Service {
         Self::spawn(command, env, Some(dir))
     }
 
-    fn spawn(
+    /// Any command that ends up running the service (e.g. under `prlimit`), on a free port.
+    pub fn spawn(
         mut command: Command,
         env: &[(&str, &str)],
         dir: Option<tempfile::TempDir>,
@@ -150,6 +151,10 @@ impl Service {
             logs,
             _dir: dir,
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn logs(&self) -> String {

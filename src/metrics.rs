@@ -151,6 +151,10 @@ fn describe_service_metrics() {
         "TDL increments not yet confirmed by Redis"
     );
     describe_gauge!(
+        "uma_redis_seed_copies_pending",
+        "Seed copies not yet written to Redis since start (retried until 0)"
+    );
+    describe_gauge!(
         "uma_redis_up",
         "1 while Redis answers; 0 while it is down or not configured"
     );

@@ -3,12 +3,75 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::redis::Redis;
 use common::*;
+
+/// One GET on a fresh connection, read to its end. Unlike the shared harness's client, a read
+/// interrupted by a signal (EINTR, seen on this shared VM under load for every blocked read of
+/// the test process at once) is retried: only the read, so a request is never sent, or counted,
+/// twice.
+fn send(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Response {
+    let mut head = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    stream.write_all(head.as_bytes()).expect("write");
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("read answer to {path}: {e}"),
+        }
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no answer head to {path}: {text:?}"));
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status to {path}: {head:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    Response {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+/// [`send`] for a running service.
+trait Client {
+    fn call(&self, path: &str, headers: &[(&str, &str)]) -> Response;
+
+    fn call_auth(&self, key: &str, uri: &str) -> Response {
+        self.call("/auth", &[("apikey", key), ("X-Forwarded-Uri", uri)])
+    }
+}
+
+impl Client for Service {
+    fn call(&self, path: &str, headers: &[(&str, &str)]) -> Response {
+        send(self.addr, path, headers)
+    }
+}
 
 const USER1_COUNTER: &str = "uma:tdl:{user1-client}:kt-midm-base:*";
 
@@ -22,7 +85,7 @@ fn service(redis: &Redis, extra: &[(&str, &str)]) -> Service {
 }
 
 fn readyz_connected(service: &Service) -> Option<bool> {
-    let r = service.get("/readyz", &[]);
+    let r = service.call("/readyz", &[]);
     r.json()["redis"]["connected"].as_bool()
 }
 
@@ -47,7 +110,7 @@ fn total(redis: &Redis, pattern: &str) -> u64 {
 }
 
 fn allowed(service: &Service) -> u16 {
-    service.auth(USER1_KEY, "/midm-base/chat").status
+    service.call_auth(USER1_KEY, "/midm-base/chat").status
 }
 
 #[test]
@@ -96,7 +159,7 @@ fn seed_copies_are_written_with_a_ttl_and_operator_records_win() {
     );
     redis.cli(&["SET", "uma:consumer:{user1-client}", &changed]);
     std::thread::sleep(Duration::from_millis(250));
-    let r = service.auth(USER1_KEY, "/midm-base/chat");
+    let r = service.call_auth(USER1_KEY, "/midm-base/chat");
     assert_eq!(r.header("x-user-provider"), Some("kt-operator"), "{r:?}");
 
     // An operator adds a key of their own (no TTL): it works without being in the seed.
@@ -109,7 +172,7 @@ fn seed_copies_are_written_with_a_ttl_and_operator_records_win() {
         String::from_utf8(new_hash.stdout).unwrap().trim()
     );
     redis.cli(&["SET", &new_key_record, "admin-client"]);
-    let r = service.auth("operator-made-key", "/gpt4o/chat");
+    let r = service.call_auth("operator-made-key", "/gpt4o/chat");
     assert_eq!(r.header("x-consumer-id"), Some("azure-gpt4o"), "{r:?}");
 
     // A seed copy (with a TTL) of a key the running seed does not have is not honoured: revoked.
@@ -122,7 +185,10 @@ fn seed_copies_are_written_with_a_ttl_and_operator_records_win() {
         String::from_utf8(stale_hash.stdout).unwrap().trim()
     );
     redis.cli(&["SET", &stale_record, "admin-client", "EX", "600"]);
-    assert_eq!(service.auth("deleted-from-seed", "/gpt4o/chat").status, 401);
+    assert_eq!(
+        service.call_auth("deleted-from-seed", "/gpt4o/chat").status,
+        401
+    );
 }
 
 #[test]
@@ -151,10 +217,10 @@ fn a_restart_rewrites_seed_copies_but_never_operator_records() {
         "operator record overwritten: {admin}"
     );
     assert_eq!(redis.cli(&["TTL", "uma:consumer:{admin-client}"]), "-1");
-    let r = service.auth(ADMIN_KEY, "/gpt4o/chat");
+    let r = service.call_auth(ADMIN_KEY, "/gpt4o/chat");
     // The operator's record has no metadata list of its own and no route list applies: 403.
     assert_eq!(r.status, 403, "{r:?}");
-    let r = service.get(
+    let r = service.call(
         "/auth",
         &[
             ("apikey", ADMIN_KEY),
@@ -178,7 +244,7 @@ fn corrupt_records_fall_back_to_the_seed() {
     ] {
         redis.cli(&["SET", "uma:consumer:{user1-client}", corrupt]);
         std::thread::sleep(Duration::from_millis(80));
-        let r = service.auth(USER1_KEY, "/midm-base/chat");
+        let r = service.call_auth(USER1_KEY, "/midm-base/chat");
         assert_eq!(r.status, 200, "{corrupt}: {r:?}");
         assert_eq!(r.header("x-user-provider"), Some("kt"));
     }
@@ -186,7 +252,7 @@ fn corrupt_records_fall_back_to_the_seed() {
     redis.cli(&["HSET", "uma:consumer:{user1-client}", "wrong", "type"]);
     std::thread::sleep(Duration::from_millis(80));
     assert_eq!(allowed(&service), 200);
-    let metrics = service.get("/metrics", &[]).body;
+    let metrics = service.call("/metrics", &[]).body;
     let corrupt: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("uma_redis_corrupt_records_total "))
@@ -212,8 +278,11 @@ fn counts_exactly(mode: &str) {
         }
     }
     for _ in 0..5 {
-        assert_eq!(service.auth(USER1_KEY, "/gpt4o/chat").status, 403);
-        assert_eq!(service.auth("wrong-key", "/midm-base/chat").status, 401);
+        assert_eq!(service.call_auth(USER1_KEY, "/gpt4o/chat").status, 403);
+        assert_eq!(
+            service.call_auth("wrong-key", "/midm-base/chat").status,
+            401
+        );
     }
     assert!(redis.wait_for(Duration::from_secs(3), |r| total(r, USER1_COUNTER) == 60));
     std::thread::sleep(Duration::from_millis(200));
@@ -232,7 +301,7 @@ fn counts_exactly(mode: &str) {
         "retention ttl {ttl}"
     );
     let tdl = service
-        .get("/api/tdl-matrix", &[("apikey", USER1_KEY)])
+        .call("/api/tdl-matrix", &[("apikey", USER1_KEY)])
         .json();
     let usage: u64 = tdl["entries"][0]["usage"]
         .as_object()
@@ -285,9 +354,8 @@ impl Stream {
             let mut n = 0;
             while !stop2.load(Ordering::Relaxed) {
                 let started = Instant::now();
-                let r = request(
+                let r = send(
                     addr,
-                    "GET",
                     "/auth",
                     &[
                         ("apikey", USER1_KEY),
@@ -408,14 +476,22 @@ fn redis_absent_at_start_then_started() {
     let service = Service::bundled_with_env(&[("UMA_REDIS__URL", url.as_str())]);
     assert_eq!(readyz_connected(&service), Some(false));
     assert_eq!(
-        service.get("/readyz", &[]).json()["redis"]["configured"],
+        service.call("/readyz", &[]).json()["redis"]["configured"],
         true
     );
+    // Redis down is no reason to be unready (once the first check has said it is down).
+    let started = Instant::now();
+    while service.call("/readyz", &[]).status != 200 && started.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ready = service.call("/readyz", &[]);
+    assert_eq!(ready.status, 200, "{ready:?}");
+    assert_eq!(ready.json()["redis"]["seed_copies"], "pending");
     for _ in 0..25 {
         assert_eq!(allowed(&service), 200, "seed keys are served without Redis");
     }
     // A key in no local source cannot be decided without Redis.
-    let r = service.auth("never-seen-key", "/midm-base/chat");
+    let r = service.call_auth("never-seen-key", "/midm-base/chat");
     assert_eq!(r.status, 503, "{r:?}");
     assert_eq!(r.json()["message"], "Metadata store unavailable");
     assert_eq!(r.header("retry-after"), Some("1"));
@@ -425,8 +501,24 @@ fn redis_absent_at_start_then_started() {
     assert!(up < Duration::from_millis(1200), "{up:?}");
     assert!(redis.wait_for(Duration::from_secs(3), |r| total(r, USER1_COUNTER) == 25));
     assert_eq!(
-        service.auth("never-seen-key", "/midm-base/chat").status,
+        service
+            .call_auth("never-seen-key", "/midm-base/chat")
+            .status,
         401
+    );
+    // The copies are written once Redis is there.
+    assert!(redis.wait_for(Duration::from_secs(5), |r| {
+        r.cli(&["EXISTS", "uma:consumer:{user1-client}"]) == "1"
+    }));
+    let started = Instant::now();
+    while service.call("/readyz", &[]).json()["redis"]["seed_copies"] != "written"
+        && started.elapsed() < Duration::from_secs(3)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        service.call("/readyz", &[]).json()["redis"]["seed_copies"],
+        "written"
     );
 }
 
@@ -440,7 +532,7 @@ fn sigterm_writes_pending_increments() {
     }
     assert_eq!(total(&redis, USER1_COUNTER), 0);
     let tdl = service
-        .get("/api/tdl-matrix", &[("apikey", USER1_KEY)])
+        .call("/api/tdl-matrix", &[("apikey", USER1_KEY)])
         .json();
     let pending: u64 = tdl["entries"][0]["usage"]
         .as_object()
@@ -480,7 +572,10 @@ fn unknown_keys_are_cached_negatively() {
     let service = service(&redis, &[]);
     let before = redis.command_calls("get");
     for _ in 0..50 {
-        assert_eq!(service.auth("flood-key", "/midm-base/chat").status, 401);
+        assert_eq!(
+            service.call_auth("flood-key", "/midm-base/chat").status,
+            401
+        );
     }
     let asked = redis.command_calls("get") - before;
     assert!(asked <= 2, "{asked} GETs for 50 calls with one bad key");
@@ -501,7 +596,7 @@ fn a_cold_lookup_on_a_hung_redis_answers_within_the_timeout() {
     };
     std::thread::sleep(Duration::from_millis(100));
     let started = Instant::now();
-    let r = service.auth(ADMIN_KEY, "/gpt4o/chat");
+    let r = service.call_auth(ADMIN_KEY, "/gpt4o/chat");
     assert_eq!(r.status, 200, "a seed key is served from the seed");
     assert!(
         started.elapsed() < Duration::from_millis(500),
@@ -509,4 +604,168 @@ fn a_cold_lookup_on_a_hung_redis_answers_within_the_timeout() {
         started.elapsed()
     );
     sleeper.join().unwrap();
+}
+
+/// The stored form of a key, as the service computes it.
+fn hash_of(key: &str) -> String {
+    let out = std::process::Command::new(BIN)
+        .args(["hash-key", key])
+        .output()
+        .expect("hash-key");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+const STALE_USER1: &str = r#"{"username":"user1-client","custom_id":"stale-copy","groups":["openai-allowed","midm-allowed"],"metadata_list":null}"#;
+
+#[test]
+fn stale_seed_copies_never_stand_in_for_the_running_seed() {
+    let redis = Redis::start();
+    let key_record = format!("uma:key:{}", hash_of(USER1_KEY));
+    // Copies an older seed (or another replica) left: user1's key given to admin-client, and a
+    // user1 record with other groups.
+    redis.cli(&["SET", &key_record, "admin-client", "EX", "600"]);
+    redis.cli(&[
+        "SET",
+        "uma:consumer:{user1-client}",
+        STALE_USER1,
+        "EX",
+        "600",
+    ]);
+    // Writes stall for 3 s: the start-up rewrite of the copies times out.
+    redis.cli(&["CLIENT", "PAUSE", "3000", "WRITE"]);
+    let service = service(&redis, &[]);
+    let check = |service: &Service| {
+        let r = service.call_auth(USER1_KEY, "/gpt4o/chat");
+        assert_eq!(r.status, 403, "user1 is not in openai-allowed: {r:?}");
+        let r = service.call_auth(USER1_KEY, "/midm-base/chat");
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("x-consumer-username"), Some("user1-client"));
+        assert_eq!(r.header("x-consumer-custom-id"), Some("client-001"));
+        assert_eq!(r.header("x-consumer-groups"), Some("midm-allowed"));
+        assert_eq!(r.header("x-consumer-id"), Some("kt-midm-base"));
+    };
+    check(&service);
+    // The answers above were given while the stale copies were still all Redis had.
+    assert_eq!(redis.cli(&["GET", &key_record]), "admin-client");
+    assert!(
+        redis
+            .cli(&["GET", "uma:consumer:{user1-client}"])
+            .contains("stale-copy")
+    );
+    // Once writes go through again, the failed start-up rewrite is retried until it succeeds.
+    assert!(
+        redis.wait_for(Duration::from_secs(10), |r| {
+            r.cli(&["GET", &key_record]) == "user1-client"
+                && r.cli(&["GET", "uma:consumer:{user1-client}"])
+                    .contains("client-001")
+        }),
+        "copies not rewritten: {} / {}",
+        redis.cli(&["GET", &key_record]),
+        redis.cli(&["GET", "uma:consumer:{user1-client}"])
+    );
+    let ttl: i64 = redis.cli(&["TTL", &key_record]).parse().unwrap();
+    assert!(ttl > 0 && ttl <= 3600, "a seed copy keeps its TTL: {ttl}");
+    check(&service);
+    // Another replica (an older seed) writes its copies again: still the running seed answers.
+    redis.cli(&["SET", &key_record, "admin-client", "EX", "600"]);
+    redis.cli(&[
+        "SET",
+        "uma:consumer:{user1-client}",
+        STALE_USER1,
+        "EX",
+        "600",
+    ]);
+    std::thread::sleep(Duration::from_millis(50));
+    let fresh = Service::bundled_with_env(&[
+        ("UMA_REDIS__URL", redis.url().as_str()),
+        ("UMA_CACHE__LOCAL_TTL_MS", "1"),
+        ("UMA_REDIS__COMMAND_TIMEOUT_MS", "1000"),
+    ]);
+    wait_connected(&fresh, true);
+    check(&fresh);
+    // An operator record (no TTL) does win: the operator gives the key to admin-client.
+    redis.cli(&["SET", &key_record, "admin-client"]);
+    let started = Instant::now();
+    let mut r = fresh.call_auth(USER1_KEY, "/gpt4o/chat");
+    while r.status != 200 && started.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+        r = fresh.call_auth(USER1_KEY, "/gpt4o/chat");
+    }
+    assert_eq!(
+        r.header("x-consumer-username"),
+        Some("admin-client"),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn readyz_waits_for_the_seed_copies_but_not_for_a_redis_outage() {
+    let redis = Redis::start();
+    redis.cli(&["CLIENT", "PAUSE", "3000", "WRITE"]);
+    // A command timeout longer than the pause: the copies wait in Redis instead of failing.
+    let url = redis.url();
+    let service = Service::bundled_with_env(&[
+        ("UMA_REDIS__URL", url.as_str()),
+        ("UMA_REDIS__COMMAND_TIMEOUT_MS", "10000"),
+    ]);
+    wait_connected(&service, true);
+    let r = service.call("/readyz", &[]);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.json()["ready"], false);
+    assert_eq!(r.json()["redis"]["seed_copies"], "pending");
+    // Evidence that this was asked before the copies were written.
+    assert_eq!(redis.cli(&["EXISTS", "uma:consumer:{user1-client}"]), "0");
+    // Seed keys are served meanwhile.
+    assert_eq!(allowed(&service), 200);
+    let started = Instant::now();
+    let ready = loop {
+        let r = service.call("/readyz", &[]);
+        if r.status == 200 || started.elapsed() > Duration::from_secs(10) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(ready.status, 200, "{ready:?}");
+    assert_eq!(
+        ready.body,
+        r#"{"ready":true,"redis":{"configured":true,"connected":true,"seed_copies":"written"}}"#
+    );
+    assert_eq!(redis.cli(&["EXISTS", "uma:consumer:{user1-client}"]), "1");
+}
+
+#[test]
+fn an_unreachable_redis_at_start_is_said_once_without_credentials() {
+    let port = common::redis::free_port();
+    let url = format!("redis://:sekret-pw@127.0.0.1:{port}");
+    let service = Service::bundled_with_env(&[
+        ("UMA_REDIS__URL", url.as_str()),
+        ("UMA_REDIS__HEALTH_INTERVAL_MS", "20"),
+    ]);
+    let started = Instant::now();
+    while !service.logs().contains("unreachable at start")
+        && started.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Many more failed checks later, still said once.
+    std::thread::sleep(Duration::from_millis(500));
+    let logs = service.logs();
+    let said: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains(&format!("127.0.0.1:{port}")))
+        .collect();
+    assert_eq!(said.len(), 1, "{logs}");
+    assert!(said[0].contains("WARN"), "{}", said[0]);
+    assert!(
+        said[0].contains(&format!("redis://***@127.0.0.1:{port}")),
+        "{}",
+        said[0]
+    );
+    assert!(!logs.contains("sekret-pw"), "{logs}");
+    // An outage at start neither stops the service nor makes it unready.
+    assert_eq!(allowed(&service), 200);
+    let r = service.call("/readyz", &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["redis"]["connected"], false);
+    assert_eq!(r.json()["redis"]["seed_copies"], "pending");
 }

@@ -8,7 +8,6 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -22,6 +21,7 @@ use crate::core::request::{AuthQuery, parse_api, parse_auth};
 use crate::core::{Consumer, Deny, authorize, presented_key};
 use crate::lookup::{Resolution, Resolver};
 use crate::metrics::{Endpoint, Metrics, Outcome};
+use crate::service::Readiness;
 use crate::store::RedisStore;
 use crate::tdl::TdlCounters;
 
@@ -38,7 +38,8 @@ pub struct App {
     pub timezone_name: String,
     /// Longest time a `sync` call waits for its increment to reach Redis.
     pub sync_wait: Duration,
-    pub ready: AtomicBool,
+    /// The `/readyz` latch: seed copies written, not shutting down (see [`Readiness`]).
+    pub ready: Arc<Readiness>,
 }
 
 impl App {
@@ -197,14 +198,27 @@ impl App {
         Some(out)
     }
 
+    /// `/readyz`: 503 until the latch is released. With Redis configured, `redis.seed_copies` says
+    /// whether the seed's copies have been written yet.
     fn readiness(&self) -> Response<Body> {
-        let ready = self.ready.load(Ordering::Acquire);
-        let body = format!(
-            "{{\"ready\":{ready},\"redis\":{{\"configured\":{},\"connected\":{}}}}}",
-            self.store.is_some(),
-            self.store.as_ref().is_some_and(|s| s.is_up())
+        let store = self.store.as_deref();
+        let state = self.ready.state(store);
+        let mut body = format!(
+            "{{\"ready\":{},\"redis\":{{\"configured\":{},\"connected\":{}",
+            state.ready,
+            store.is_some(),
+            store.is_some_and(|s| s.is_up())
         );
-        let status = if ready {
+        if store.is_some() {
+            let copies = if state.seed_copies_written {
+                "written"
+            } else {
+                "pending"
+            };
+            let _ = write!(body, ",\"seed_copies\":\"{copies}\"");
+        }
+        body.push_str("}}");
+        let status = if state.ready {
             StatusCode::OK
         } else {
             StatusCode::SERVICE_UNAVAILABLE

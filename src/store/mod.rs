@@ -4,6 +4,9 @@
 //! timeout; the first failure marks Redis down, after which callers skip it without any I/O until the
 //! health loop (a PING every `health_interval_ms`) sees it answer again. Callers fall back to the
 //! in-process cache and the seed, and keep counters in memory meanwhile.
+//!
+//! Pipelines are sent with per-command results (`ignore_errors`): one key of the wrong type is that
+//! key's problem, reported with its name, never a failure of everything else in the round trip.
 
 pub mod keys;
 pub mod scripts;
@@ -55,24 +58,26 @@ impl deadpool::managed::Manager for CheckedManager {
 type Pool = deadpool::managed::Pool<CheckedManager>;
 
 /// Why an operation failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// Redis cannot be reached in time: it is marked down.
+    #[error("redis unavailable: {0}")]
     Unavailable(String),
     /// Redis answered with an error (wrong type, script error): data trouble, not an outage.
+    #[error("redis rejected the command: {0}")]
     Rejected(String),
     /// Redis does not know a script (it restarted or was flushed): load it and retry.
+    #[error("redis lost its scripts")]
     NoScript,
 }
 
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StoreError::Unavailable(e) => write!(f, "redis unavailable: {e}"),
-            StoreError::Rejected(e) => write!(f, "redis rejected the command: {e}"),
-            StoreError::NoScript => write!(f, "redis lost its scripts"),
-        }
-    }
+/// Why the store could not be built (a malformed URL; the config check normally catches it).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("not a Redis URL: {0}")]
+    Url(#[source] RedisError),
+    #[error("cannot build the connection pool: {0}")]
+    Pool(#[from] deadpool::managed::BuildError),
 }
 
 /// A string value and whether it has no TTL (an operator's record, never overwritten by seed copies).
@@ -109,6 +114,8 @@ pub struct RedisStore {
     pool: Pool,
     timeout: Duration,
     up: AtomicBool,
+    /// Whether the first health check has finished (either way).
+    checked: AtomicBool,
     up_gauge: Gauge,
     errors: Counter,
     url_for_logs: String,
@@ -116,26 +123,26 @@ pub struct RedisStore {
 
 impl RedisStore {
     /// Builds the pool; nothing connects until first use. Fails only on a malformed URL.
-    pub fn new(settings: &RedisSettings) -> Result<RedisStore, String> {
+    pub fn new(settings: &RedisSettings) -> Result<RedisStore, BuildError> {
         let connect = Duration::from_millis(settings.connect_timeout_ms);
         let timeout = Duration::from_millis(settings.command_timeout_ms);
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(connect))
             .set_response_timeout(Some(timeout));
         let manager = deadpool_redis::Manager::new_with_config(settings.url.as_str(), config)
-            .map_err(|e| e.to_string())?;
+            .map_err(BuildError::Url)?;
         let pool = Pool::builder(CheckedManager(manager))
             .max_size(settings.pool_size)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(timeout))
             .create_timeout(Some(connect))
             .recycle_timeout(Some(timeout))
-            .build()
-            .map_err(|e| e.to_string())?;
+            .build()?;
         let store = RedisStore {
             pool,
             timeout,
             up: AtomicBool::new(false),
+            checked: AtomicBool::new(false),
             up_gauge: gauge!("uma_redis_up"),
             errors: counter!("uma_redis_errors_total"),
             url_for_logs: redact(&settings.url),
@@ -147,6 +154,11 @@ impl RedisStore {
     /// Whether Redis answered lately; when false, callers must not wait on it.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// Whether the first health check has finished, so [`RedisStore::is_up`] means something.
+    pub fn checked(&self) -> bool {
+        self.checked.load(Ordering::Acquire)
     }
 
     fn set_up(&self, up: bool) {
@@ -200,15 +212,23 @@ impl RedisStore {
         result
     }
 
-    /// PING; updates the health latch either way.
+    /// PING; updates the health latch either way. A Redis that cannot be reached at the very first
+    /// check is said once (SPEC §2): later losses are said by the latch as it flips.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let result = self
             .run(
                 |mut conn| async move { redis::cmd("PING").query_async::<String>(&mut conn).await },
             )
             .await;
-        if result.is_ok() {
-            self.set_up(true);
+        let first = !self.checked.swap(true, Ordering::AcqRel);
+        match &result {
+            Ok(_) => self.set_up(true),
+            Err(error) if first => tracing::warn!(
+                redis = %self.url_for_logs,
+                %error,
+                "redis unreachable at start; serving from the seed, counting in memory, reconnecting in the background"
+            ),
+            Err(_) => {}
         }
         result.map(|_| ())
     }
@@ -236,44 +256,75 @@ impl RedisStore {
 
     /// GET and PTTL of one string key, in one round trip.
     pub async fn get_record(&self, key: &str) -> Result<Option<Record>, StoreError> {
-        let key = key.to_owned();
-        let (value, ttl): (Option<String>, i64) = self
-            .run(|mut conn| async move {
-                redis::pipe()
-                    .cmd("GET")
-                    .arg(&key)
-                    .cmd("PTTL")
-                    .arg(&key)
-                    .query_async(&mut conn)
-                    .await
-            })
-            .await?;
-        Ok(value.map(|value| Record {
-            value,
-            persistent: ttl == -1,
-        }))
+        self.get_records(&[key]).await?.pop().unwrap_or(Ok(None))
     }
 
-    /// Writes seed copies with a TTL, leaving records an operator made persistent alone.
+    /// GET and PTTL of several string keys, in one round trip. Each key has its own result: one
+    /// key of the wrong type is that key's `Rejected`, not a failure of the others.
+    pub async fn get_records(
+        &self,
+        keys: &[&str],
+    ) -> Result<Vec<Result<Option<Record>, StoreError>>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for key in keys {
+            pipe.cmd("GET").arg(*key).cmd("PTTL").arg(*key);
+        }
+        let values: Vec<Value> = self
+            .run(|mut conn| async move { pipe.query_async(&mut conn).await })
+            .await?;
+        let mut values = values.into_iter();
+        let mut records = Vec::with_capacity(keys.len());
+        for _ in keys {
+            let (value, ttl) = (values.next(), values.next());
+            records.push(record(value, ttl));
+        }
+        Ok(records)
+    }
+
+    /// Writes seed copies with a TTL, leaving records an operator made persistent alone, `chunk`
+    /// scripts per round trip. Returns the indexes of the items not written: a chunk that fails does
+    /// not stop the others, and once Redis is marked down the rest are left for the next try.
     pub async fn put_seed_copies(
         &self,
         items: &[(String, String)],
         ttl_secs: u64,
-    ) -> Result<(), StoreError> {
-        for chunk in items.chunks(500) {
+        chunk: usize,
+    ) -> Vec<usize> {
+        let chunk = chunk.max(1);
+        let ttl = ttl_secs.to_string();
+        let mut failed = Vec::new();
+        for (n, part) in items.chunks(chunk).enumerate() {
+            let first = n * chunk;
+            if !self.is_up() {
+                failed.extend(first..items.len());
+                break;
+            }
             let mut pipe = redis::pipe();
-            for (key, value) in chunk {
+            pipe.ignore_errors();
+            for (key, value) in part {
                 evalsha(
                     &mut pipe,
                     &scripts::SET_UNLESS_PERSISTENT,
                     &[key.as_str()],
-                    &[value.clone(), ttl_secs.to_string()],
+                    &[value.as_str(), ttl.as_str()],
                 );
             }
-            self.query_with_scripts(&pipe, &[&scripts::SET_UNLESS_PERSISTENT])
-                .await?;
+            match self
+                .query_scripts(&pipe, &[&scripts::SET_UNLESS_PERSISTENT])
+                .await
+            {
+                Ok(values) => {
+                    for i in 0..part.len() {
+                        if !matches!(values.get(i), Some(Value::Int(_))) {
+                            failed.push(first + i);
+                        }
+                    }
+                }
+                Err(_) => failed.extend(first..first + part.len()),
+            }
         }
-        Ok(())
+        failed
     }
 
     /// Applies a counter batch, one script call per consumer, all in one round trip.
@@ -314,6 +365,7 @@ impl RedisStore {
                 }
             }
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             evalsha(&mut pipe, &scripts::APPLY_BATCH, &keys, &args);
         }
         self.query_with_scripts(&pipe, &[&scripts::APPLY_BATCH])
@@ -408,9 +460,72 @@ impl RedisStore {
             other => other.map(|_| ()),
         }
     }
+
+    /// Runs a pipeline of EVALSHAs (built with `ignore_errors`, so each command has its own reply);
+    /// if Redis lost its script cache, loads the scripts and runs it once more. That is safe because
+    /// every script is idempotent: a share applied by the first run is a no-op in the second.
+    async fn query_scripts(
+        &self,
+        pipe: &Pipeline,
+        used: &[&Lua],
+    ) -> Result<Vec<Value>, StoreError> {
+        let first = self
+            .run(|mut conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await })
+            .await;
+        match first {
+            Ok(values) if !values.iter().any(is_noscript) => return Ok(values),
+            Ok(_) | Err(StoreError::NoScript) => {}
+            Err(error) => return Err(error),
+        }
+        for lua in used {
+            let source = lua.source;
+            self.run(|mut conn| async move {
+                redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(source)
+                    .query_async::<String>(&mut conn)
+                    .await
+            })
+            .await?;
+        }
+        self.run(|mut conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await })
+            .await
+    }
 }
 
-fn evalsha(pipe: &mut Pipeline, lua: &Lua, keys: &[&str], args: &[String]) {
+fn is_noscript(value: &Value) -> bool {
+    matches!(value, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript))
+}
+
+/// The bytes of a string reply.
+fn bytes(value: &Value) -> Option<&[u8]> {
+    match value {
+        Value::BulkString(bytes) => Some(bytes),
+        Value::SimpleString(text) => Some(text.as_bytes()),
+        _ => None,
+    }
+}
+
+/// A GET and PTTL reply pair as a record.
+fn record(value: Option<Value>, ttl: Option<Value>) -> Result<Option<Record>, StoreError> {
+    let persistent = match ttl {
+        Some(Value::Int(ttl)) => ttl == -1,
+        Some(Value::ServerError(e)) => return Err(StoreError::Rejected(e.to_string())),
+        other => return Err(StoreError::Rejected(format!("PTTL answered {other:?}"))),
+    };
+    match value {
+        Some(Value::Nil) => Ok(None),
+        Some(Value::ServerError(e)) => Err(StoreError::Rejected(e.to_string())),
+        Some(v) => match bytes(&v).map(|b| String::from_utf8(b.to_vec())) {
+            Some(Ok(value)) => Ok(Some(Record { value, persistent })),
+            Some(Err(_)) => Err(StoreError::Rejected("not UTF-8".into())),
+            None => Err(StoreError::Rejected(format!("GET answered {v:?}"))),
+        },
+        None => Err(StoreError::Rejected("no reply".into())),
+    }
+}
+
+fn evalsha(pipe: &mut Pipeline, lua: &Lua, keys: &[&str], args: &[&str]) {
     pipe.cmd("EVALSHA")
         .arg(lua.sha())
         .arg(keys.len())
@@ -450,6 +565,29 @@ fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn records_keep_their_ttl_kind() {
+        let persistent = record(Some(bulk("u1")), Some(Value::Int(-1))).unwrap();
+        assert_eq!(
+            persistent,
+            Some(Record {
+                value: "u1".into(),
+                persistent: true
+            })
+        );
+        let copy = record(Some(bulk("u1")), Some(Value::Int(5000))).unwrap();
+        assert!(!copy.unwrap().persistent);
+        assert_eq!(
+            record(Some(Value::Nil), Some(Value::Int(-2))).unwrap(),
+            None
+        );
+        assert!(record(None, None).is_err());
+    }
 
     #[test]
     fn passwords_are_redacted() {

@@ -615,6 +615,99 @@ fn hash_of(key: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+/// Today in UTC (the bundled config's zone).
+fn today() -> jiff::civil::Date {
+    jiff::tz::TimeZone::UTC
+        .to_datetime(jiff::Timestamp::now())
+        .date()
+}
+
+/// A consumer's counters in Redis over every day, skipping keys that are not counter hashes.
+fn counted(redis: &Redis, consumer: &str) -> u64 {
+    let keys = redis.cli(&["KEYS", &format!("uma:tdl:{{{consumer}}}:*")]);
+    keys.lines()
+        .filter(|k| !k.is_empty() && redis.cli(&["TYPE", k]) == "hash")
+        .map(|k| redis.counter_total(k))
+        .sum()
+}
+
+/// The instance id the service logs at start (its ledger keys end with it).
+fn instance_of(service: &Service) -> String {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        if let Some(id) = service
+            .logs()
+            .split("instance=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+        {
+            return id.to_owned();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("no instance id logged:\n{}", service.logs());
+}
+
+fn metric(service: &Service, name: &str) -> f64 {
+    service
+        .call("/metrics", &[])
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `/api/tdl-matrix` of a key: (complete, date, per-entry slot counts).
+fn tdl(service: &Service, key: &str) -> (bool, String, Vec<(String, Vec<u64>)>) {
+    let r = service.call("/api/tdl-matrix", &[("apikey", key)]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let doc = r.json();
+    let entries = doc["entries"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{doc}"))
+        .iter()
+        .map(|e| {
+            let id = e["id"].as_str().unwrap().to_owned();
+            let slots = (1..=12)
+                .map(|i| e["usage"][format!("T{i}")].as_u64().unwrap())
+                .collect();
+            (id, slots)
+        })
+        .collect();
+    let complete = doc["complete"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("no complete flag: {doc}"));
+    (complete, doc["date"].as_str().unwrap().to_owned(), entries)
+}
+
+fn tdl_sum(entries: &[(String, Vec<u64>)], id: &str) -> u64 {
+    entries
+        .iter()
+        .filter(|(e, _)| e == id)
+        .flat_map(|(_, slots)| slots)
+        .sum()
+}
+
+/// Every slot of every entry of `before` is at most what `after` shows (same day).
+fn never_less(
+    before: &(bool, String, Vec<(String, Vec<u64>)>),
+    after: &(bool, String, Vec<(String, Vec<u64>)>),
+) {
+    if before.1 != after.1 {
+        return; // a new day starts from zero
+    }
+    for (id, slots) in &before.2 {
+        let now = after
+            .2
+            .iter()
+            .find(|(e, _)| e == id)
+            .unwrap_or_else(|| panic!("{id} vanished: {before:?} -> {after:?}"));
+        for (was, is) in slots.iter().zip(&now.1) {
+            assert!(is >= was, "{id} went backwards: {before:?} -> {after:?}");
+        }
+    }
+}
+
 const STALE_USER1: &str = r#"{"username":"user1-client","custom_id":"stale-copy","groups":["openai-allowed","midm-allowed"],"metadata_list":null}"#;
 
 #[test]
@@ -768,4 +861,278 @@ fn an_unreachable_redis_at_start_is_said_once_without_credentials() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["redis"]["connected"], false);
     assert_eq!(r.json()["redis"]["seed_copies"], "pending");
+}
+
+#[test]
+fn one_wrong_typed_key_holds_back_only_its_own_consumer() {
+    for poison in [
+        "counter is a string",
+        "field is not a count",
+        "index is a string",
+        "ledger is a hash",
+    ] {
+        let redis = Redis::start();
+        // A command timeout no CPU starvation reaches: only the poisoned keys may fail here.
+        let service = service(
+            &redis,
+            &[
+                ("UMA_TDL__FLUSH_INTERVAL_MS", "50"),
+                ("UMA_REDIS__COMMAND_TIMEOUT_MS", "1000"),
+            ],
+        );
+        let (today, tomorrow) = (today(), today().tomorrow().unwrap());
+        let mut bad = Vec::new();
+        for date in [today, tomorrow] {
+            let counter = format!("uma:tdl:{{user1-client}}:kt-midm-base:{date}");
+            let index = format!("uma:tdl-entries:{{user1-client}}:{date}");
+            match poison {
+                "counter is a string" => {
+                    redis.cli(&["SET", &counter, "oops"]);
+                    bad.push(counter);
+                }
+                "field is not a count" => {
+                    let mut args = vec!["HSET".to_owned(), counter.clone()];
+                    for slot in 1..=12 {
+                        args.extend([format!("T{slot}"), "x".to_owned()]);
+                    }
+                    redis.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+                    bad.push(counter);
+                }
+                "index is a string" => {
+                    redis.cli(&["SET", &index, "oops"]);
+                    bad.push(index);
+                }
+                _ => {}
+            }
+        }
+        if poison == "ledger is a hash" {
+            let ledger = format!("uma:tdl-applied:{{user1-client}}:{}", instance_of(&service));
+            redis.cli(&["HSET", &ledger, "x", "1"]);
+            bad.push(ledger);
+        }
+        for _ in 0..20 {
+            assert_eq!(allowed(&service), 200);
+            assert_eq!(service.call_auth(ADMIN_KEY, "/gpt4o/chat").status, 200);
+        }
+        // The healthy consumer's counts arrive, exactly.
+        assert!(
+            redis.wait_for(Duration::from_secs(3), |r| counted(r, "admin-client") == 20),
+            "{poison}: admin {}",
+            counted(&redis, "admin-client")
+        );
+        // The poisoned consumer's wait in memory, and the key is named in an error.
+        let started = Instant::now();
+        while !service.logs().contains(&bad[0]) && started.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let logs = service.logs();
+        let line = logs
+            .lines()
+            .find(|l| l.contains(&bad[0]))
+            .unwrap_or_else(|| panic!("{poison}: {} not logged:\n{logs}", bad[0]));
+        assert!(line.contains("ERROR"), "{line}");
+        assert_eq!(
+            counted(&redis, "user1-client"),
+            0,
+            "{poison}: nothing half-applied"
+        );
+        assert!(
+            metric(&service, "uma_tdl_rejected_writes_total") >= 1.0,
+            "{poison}"
+        );
+        // Retried every flush, logged once a minute.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            service
+                .logs()
+                .lines()
+                .filter(|l| l.contains(&bad[0]))
+                .count(),
+            1,
+            "{poison}"
+        );
+        let (complete, _, shown) = tdl(&service, USER1_KEY);
+        assert!(!complete, "{poison}: redis could not be read for user1");
+        assert_eq!(
+            tdl_sum(&shown, "kt-midm-base"),
+            20,
+            "{poison}: pending counts are shown"
+        );
+        let (complete, _, shown) = tdl(&service, ADMIN_KEY);
+        assert!(complete);
+        assert_eq!(tdl_sum(&shown, "azure-gpt4o"), 20);
+        // The operator repairs the key: the kept counts arrive, exactly once.
+        for key in &bad {
+            redis.cli(&["DEL", key]);
+        }
+        assert!(
+            redis.wait_for(Duration::from_secs(3), |r| counted(r, "user1-client") == 20),
+            "{poison}: user1 {}",
+            counted(&redis, "user1-client")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(counted(&redis, "user1-client"), 20, "{poison}");
+        assert_eq!(counted(&redis, "admin-client"), 20, "{poison}");
+        let (complete, _, shown) = tdl(&service, USER1_KEY);
+        assert!(complete, "{poison}");
+        assert_eq!(tdl_sum(&shown, "kt-midm-base"), 20, "{poison}");
+    }
+}
+
+#[test]
+fn the_old_shared_ledger_key_blocks_nobody() {
+    // The review's repro: the ledger key of earlier versions, overwritten with a string.
+    let redis = Redis::start();
+    redis.cli(&["SET", "uma:tdl-applied:{user1-client}", "oops"]);
+    let service = service(&redis, &[("UMA_TDL__FLUSH_INTERVAL_MS", "50")]);
+    for _ in 0..10 {
+        assert_eq!(allowed(&service), 200);
+        assert_eq!(service.call_auth(ADMIN_KEY, "/gpt4o/chat").status, 200);
+    }
+    assert!(redis.wait_for(Duration::from_secs(3), |r| {
+        counted(r, "user1-client") == 10 && counted(r, "admin-client") == 10
+    }));
+}
+
+#[test]
+fn restarts_leave_no_ledger_without_a_ttl() {
+    let redis = Redis::start();
+    for _ in 0..3 {
+        let service = service(&redis, &[("UMA_TDL__FLUSH_INTERVAL_MS", "50")]);
+        for _ in 0..5 {
+            assert_eq!(allowed(&service), 200);
+        }
+        let status = service.terminate(Duration::from_secs(8)).expect("exit");
+        assert!(status.success());
+    }
+    assert_eq!(
+        counted(&redis, "user1-client"),
+        15,
+        "exactly once across restarts"
+    );
+    let ledgers: Vec<String> = redis
+        .cli(&["KEYS", "uma:tdl-applied:*"])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    // One small key per process, each expiring on its own: nothing accumulates for good.
+    assert_eq!(ledgers.len(), 3, "{ledgers:?}");
+    for key in &ledgers {
+        assert!(key.starts_with("uma:tdl-applied:{user1-client}:"), "{key}");
+        assert_eq!(redis.cli(&["TYPE", key]), "string", "{key}");
+        let ttl: i64 = redis.cli(&["TTL", key]).parse().unwrap();
+        assert!(ttl > 0 && ttl <= 86_400, "{key}: ttl {ttl}");
+    }
+}
+
+#[test]
+fn tdl_matrix_answers_during_an_outage_and_never_goes_backwards() {
+    let mut redis = Redis::start();
+    // A command timeout no CPU starvation reaches: Redis is down only when the test says so.
+    let service = service(
+        &redis,
+        &[
+            ("UMA_TDL__FLUSH_INTERVAL_MS", "50"),
+            ("UMA_REDIS__COMMAND_TIMEOUT_MS", "1000"),
+        ],
+    );
+    let calls = |n: u64| {
+        for _ in 0..n {
+            assert_eq!(allowed(&service), 200);
+        }
+    };
+    calls(10);
+    assert!(redis.wait_for(Duration::from_secs(3), |r| total(r, USER1_COUNTER) == 10));
+    let mut last = tdl(&service, USER1_KEY);
+    assert!(last.0);
+    assert_eq!(tdl_sum(&last.2, "kt-midm-base"), 10);
+    let mut step = |expected: u64, complete: bool, what: &str| {
+        let now = tdl(&service, USER1_KEY);
+        assert_eq!(now.0, complete, "{what}: {now:?}");
+        assert_eq!(tdl_sum(&now.2, "kt-midm-base"), expected, "{what}: {now:?}");
+        never_less(&last, &now);
+        last = now;
+    };
+    calls(5);
+    step(15, true, "counts not all written yet");
+    redis.kill();
+    wait_connected(&service, false);
+    step(
+        15,
+        false,
+        "redis killed: the last read plus what came since",
+    );
+    calls(7);
+    step(22, false, "more calls during the outage");
+    redis.launch();
+    wait_connected(&service, true);
+    assert!(redis.wait_for(Duration::from_secs(5), |r| total(r, USER1_COUNTER) == 22));
+    step(22, true, "redis back");
+    redis.freeze();
+    wait_connected(&service, false);
+    step(22, false, "redis hung");
+    calls(3);
+    step(25, false, "calls while redis hangs");
+    redis.thaw();
+    wait_connected(&service, true);
+    assert!(redis.wait_for(Duration::from_secs(5), |r| total(r, USER1_COUNTER) == 25));
+    step(25, true, "redis answers again");
+}
+
+#[test]
+fn polling_while_two_instances_flush_never_shows_a_count_go_backwards() {
+    let redis = Redis::start();
+    let fast = [
+        ("UMA_TDL__FLUSH_INTERVAL_MS", "20"),
+        ("UMA_CACHE__LOCAL_TTL_MS", "100"),
+    ];
+    let a = service(&redis, &fast);
+    let b = service(&redis, &[fast[0], fast[1], ("UMA_TDL__MODE", "sync")]);
+    let (stream_a, stream_b) = (Stream::start(a.addr), Stream::start(b.addr));
+    stream_a.wait_calls(20);
+    let started = Instant::now();
+    let (mut frozen, mut thawed) = (false, false);
+    let mut seen = (0, 0);
+    let mut last = tdl(&a, USER1_KEY);
+    while started.elapsed() < Duration::from_secs(3) {
+        if !frozen && started.elapsed() > Duration::from_millis(1000) {
+            redis.freeze();
+            frozen = true;
+        }
+        if frozen && !thawed && started.elapsed() > Duration::from_millis(1800) {
+            redis.thaw();
+            thawed = true;
+        }
+        let now = tdl(&a, USER1_KEY);
+        never_less(&last, &now);
+        if now.0 {
+            seen.0 += 1;
+        } else {
+            seen.1 += 1;
+        }
+        last = now;
+    }
+    let (calls_a, failures_a, _) = stream_a.finish();
+    let (calls_b, failures_b, _) = stream_b.finish();
+    assert!(failures_a.is_empty() && failures_b.is_empty());
+    assert!(
+        seen.0 > 0 && seen.1 > 0,
+        "complete and incomplete answers: {seen:?}"
+    );
+    let calls = calls_a + calls_b;
+    assert!(
+        redis.wait_for(Duration::from_secs(5), |r| total(r, USER1_COUNTER) == calls),
+        "{} of {calls}",
+        total(&redis, USER1_COUNTER)
+    );
+    // Once Redis answers in time again (a slow moment may have marked it down), the answer is complete.
+    let started = Instant::now();
+    let mut end = tdl(&a, USER1_KEY);
+    while !end.0 && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+        end = tdl(&a, USER1_KEY);
+    }
+    assert!(end.0, "{end:?}");
+    never_less(&last, &end);
+    assert_eq!(tdl_sum(&end.2, "kt-midm-base"), calls);
 }

@@ -149,7 +149,8 @@ impl App {
     }
 
     /// Today's usage for the consumer: the applicable list's entries, then any other entry used
-    /// today (sorted by id). `None` when Redis holds the counts and cannot be read.
+    /// today (sorted by id). Always an answer: while Redis cannot be read the counts are the last
+    /// ones read plus this process's increments since, marked `"complete":false` (SPEC §7).
     async fn tdl_matrix_json(
         &self,
         catalog: &Catalog,
@@ -164,18 +165,19 @@ impl App {
         let mut usage = self
             .counters
             .usage(&consumer.username, stamp.date, &known)
-            .await
-            .ok()?;
-        usage[known.len()..].sort_by(|a, b| a.0.cmp(&b.0));
+            .await;
+        if let Some(others) = usage.entries.get_mut(known.len()..) {
+            others.sort_by(|a, b| a.0.cmp(&b.0));
+        }
         let lists = catalog.policy.lists_in_precedence(consumer, routes);
         let mut out = String::from("{\"timezone\":");
         write_ascii_json_string(&mut out, &self.timezone_name);
         let _ = write!(
             out,
-            ",\"date\":\"{}\",\"slot\":\"T{}\",\"entries\":[",
-            stamp.date, stamp.slot
+            ",\"date\":\"{}\",\"slot\":\"T{}\",\"complete\":{},\"entries\":[",
+            stamp.date, stamp.slot, usage.complete
         );
-        for (i, (id, counts)) in usage.iter().enumerate() {
+        for (i, (id, counts)) in usage.entries.iter().enumerate() {
             let entry = lists.iter().find_map(|l| l.find(id));
             out.push_str(if i > 0 { ",{\"id\":" } else { "{\"id\":" });
             write_ascii_json_string(&mut out, id);

@@ -95,11 +95,25 @@ pub struct CounterDelta {
     pub slots: [u64; SLOTS],
 }
 
-/// One consumer's share of a batch (one script call, one Cluster slot).
+/// One consumer's share of a batch (one script call, one Cluster slot), with the sequence number it
+/// is sent under: a retry sends the same share under the same number.
 #[derive(Debug, Clone)]
 pub struct ConsumerBatch {
     pub username: Arc<str>,
+    pub seq: u64,
     pub counters: Vec<CounterDelta>,
+}
+
+/// What Redis did with one consumer's share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShareOutcome {
+    /// Applied now, or by an earlier try of the same sequence: confirmed either way.
+    Applied,
+    /// A key has the wrong type or a field is not a count (`key` names it): nothing was written.
+    Refused { key: String, reason: String },
+    /// Redis answered this share with an error of its own (out of memory, a read-only replica…):
+    /// whether any of it was written is not known, so it is retried as it is.
+    Failed(String),
 }
 
 /// Counters of one consumer and day as Redis holds them.
@@ -327,21 +341,25 @@ impl RedisStore {
         failed
     }
 
-    /// Applies a counter batch, one script call per consumer, all in one round trip.
+    /// Applies a counter batch, one script call per consumer, all in one round trip. Each consumer's
+    /// share has its own outcome, so one bad key holds back only its own consumer. `Err` means the
+    /// round trip itself failed: whether any share was applied is then unknown.
     pub async fn apply_batch(
         &self,
         instance: &str,
-        seq: u64,
         retention_secs: u64,
+        ledger_ttl_secs: u64,
         batch: &[ConsumerBatch],
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<ShareOutcome>, StoreError> {
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let (retention, ledger_ttl) = (retention_secs.to_string(), ledger_ttl_secs.to_string());
         for consumer in batch {
-            let mut keys = vec![keys::tdl_applied(&consumer.username)];
+            let mut keys = vec![keys::tdl_applied(&consumer.username, instance)];
             let mut args = vec![
-                instance.to_owned(),
-                seq.to_string(),
-                retention_secs.to_string(),
+                consumer.seq.to_string(),
+                retention.clone(),
+                ledger_ttl.clone(),
             ];
             for counter in &consumer.counters {
                 keys.push(keys::tdl_counter(
@@ -368,11 +386,26 @@ impl RedisStore {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             evalsha(&mut pipe, &scripts::APPLY_BATCH, &keys, &args);
         }
-        self.query_with_scripts(&pipe, &[&scripts::APPLY_BATCH])
-            .await
+        let values = self.query_scripts(&pipe, &[&scripts::APPLY_BATCH]).await?;
+        if values.len() != batch.len() {
+            return Err(StoreError::Rejected(format!(
+                "{} replies for {} scripts",
+                values.len(),
+                batch.len()
+            )));
+        }
+        let outcomes: Vec<ShareOutcome> = values.into_iter().map(share_outcome).collect();
+        let failed = outcomes
+            .iter()
+            .filter(|o| !matches!(o, ShareOutcome::Applied))
+            .count();
+        self.errors.increment(failed as u64);
+        Ok(outcomes)
     }
 
-    /// Today's counters of a consumer: the given entries plus any other entry used that day.
+    /// Today's counters of a consumer: the given entries plus any other entry used that day, and
+    /// this instance's ledger, read in one atomic step (one script), so no concurrent write can be
+    /// seen in part.
     pub async fn read_usage(
         &self,
         username: &str,
@@ -380,85 +413,32 @@ impl RedisStore {
         instance: &str,
         known_entries: &[&str],
     ) -> Result<StoredUsage, StoreError> {
-        let index = keys::tdl_entries(username, date);
-        let used: Vec<String> = self
-            .run(|mut conn| async move {
-                redis::cmd("SMEMBERS")
-                    .arg(&index)
-                    .query_async(&mut conn)
-                    .await
-            })
-            .await?;
-        let mut ids: Vec<String> = known_entries.iter().map(|s| s.to_string()).collect();
-        for id in used {
-            if !ids.contains(&id) {
-                ids.push(id);
-            }
-        }
+        let (prefix, suffix) = keys::tdl_counter_affixes(username, date);
+        let mut key_names = vec![
+            keys::tdl_entries(username, date),
+            keys::tdl_applied(username, instance),
+        ];
+        key_names.extend(
+            known_entries
+                .iter()
+                .map(|id| keys::tdl_counter(username, id, date)),
+        );
+        let key_names: Vec<&str> = key_names.iter().map(String::as_str).collect();
+        let mut args = vec![prefix.as_str(), suffix.as_str()];
+        args.extend_from_slice(known_entries);
         let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.cmd("HMGET").arg(keys::tdl_counter(username, id, date));
-            for slot in 1..=SLOTS {
-                pipe.arg(format!("T{slot}"));
-            }
+        pipe.ignore_errors();
+        evalsha(&mut pipe, &scripts::READ_USAGE, &key_names, &args);
+        let reply = self
+            .query_scripts(&pipe, &[&scripts::READ_USAGE])
+            .await?
+            .pop()
+            .unwrap_or(Value::Nil);
+        let usage = parse_usage(reply);
+        if usage.is_err() {
+            self.errors.increment(1);
         }
-        pipe.cmd("HGET")
-            .arg(keys::tdl_applied(username))
-            .arg(instance);
-        let (counts, applied): (Vec<Vec<Option<u64>>>, Option<u64>) = self
-            .run(|mut conn| async move {
-                let mut values: Vec<Value> = pipe.query_async(&mut conn).await?;
-                let applied_value = values.pop().unwrap_or(Value::Nil);
-                let applied: Option<u64> = redis::from_redis_value(applied_value)?;
-                let counts: Vec<Vec<Option<u64>>> = values
-                    .into_iter()
-                    .map(redis::from_redis_value)
-                    .collect::<Result<_, _>>()?;
-                Ok((counts, applied))
-            })
-            .await?;
-        let entries = ids
-            .into_iter()
-            .zip(counts)
-            .map(|(id, slots)| {
-                let mut day = [0u64; SLOTS];
-                for (i, n) in slots.into_iter().enumerate().take(SLOTS) {
-                    day[i] = n.unwrap_or(0);
-                }
-                (id, day)
-            })
-            .collect();
-        Ok(StoredUsage {
-            entries,
-            applied_seq: applied.unwrap_or(0),
-        })
-    }
-
-    /// Runs a pipeline of EVALSHAs; if Redis lost its script cache, loads the scripts and retries
-    /// once (the scripts are idempotent, so a partial first run is harmless).
-    async fn query_with_scripts(&self, pipe: &Pipeline, used: &[&Lua]) -> Result<(), StoreError> {
-        let first = self
-            .run(|mut conn| async move { pipe.query_async::<Value>(&mut conn).await })
-            .await;
-        match first {
-            Err(StoreError::NoScript) => {
-                for lua in used {
-                    let source = lua.source;
-                    self.run(|mut conn| async move {
-                        redis::cmd("SCRIPT")
-                            .arg("LOAD")
-                            .arg(source)
-                            .query_async::<String>(&mut conn)
-                            .await
-                    })
-                    .await?;
-                }
-                self.run(|mut conn| async move { pipe.query_async::<Value>(&mut conn).await })
-                    .await
-                    .map(|_| ())
-            }
-            other => other.map(|_| ()),
-        }
+        usage
     }
 
     /// Runs a pipeline of EVALSHAs (built with `ignore_errors`, so each command has its own reply);
@@ -525,6 +505,71 @@ fn record(value: Option<Value>, ttl: Option<Value>) -> Result<Option<Record>, St
     }
 }
 
+fn share_outcome(value: Value) -> ShareOutcome {
+    match value {
+        Value::Int(_) => ShareOutcome::Applied,
+        Value::Array(parts) if parts.len() == 3 && bytes(&parts[0]) == Some(b"refused") => {
+            let text =
+                |v: &Value| String::from_utf8_lossy(bytes(v).unwrap_or_default()).into_owned();
+            ShareOutcome::Refused {
+                key: text(&parts[1]),
+                reason: text(&parts[2]),
+            }
+        }
+        Value::ServerError(e) => ShareOutcome::Failed(e.to_string()),
+        other => ShareOutcome::Failed(format!("unexpected reply {other:?}")),
+    }
+}
+
+/// A count as stored: absent is 0; anything but a non-negative integer makes the read fail (shown
+/// as incomplete) rather than be taken as a wrong number.
+fn stored_count(value: &Value) -> Result<u64, StoreError> {
+    match value {
+        Value::Nil => Ok(0),
+        Value::Int(n) => u64::try_from(*n).map_err(|_| StoreError::Rejected(format!("count {n}"))),
+        v => bytes(v)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| StoreError::Rejected(format!("not a count: {v:?}"))),
+    }
+}
+
+/// The reply of [`scripts::READ_USAGE`].
+fn parse_usage(reply: Value) -> Result<StoredUsage, StoreError> {
+    let items = match reply {
+        Value::Array(items) => items,
+        Value::ServerError(e) => return Err(StoreError::Rejected(e.to_string())),
+        other => {
+            return Err(StoreError::Rejected(format!(
+                "usage read answered {other:?}"
+            )));
+        }
+    };
+    let mut items = items.into_iter();
+    let applied_seq = stored_count(&items.next().unwrap_or(Value::Nil))?;
+    let mut entries = Vec::new();
+    while let (Some(id), Some(counts)) = (items.next(), items.next()) {
+        let id = bytes(&id)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .ok_or_else(|| StoreError::Rejected("an entry id that is not text".into()))?
+            .to_owned();
+        let Value::Array(counts) = counts else {
+            return Err(StoreError::Rejected(format!(
+                "counts of {id} are not a list"
+            )));
+        };
+        let mut day = [0u64; SLOTS];
+        for (slot, value) in day.iter_mut().zip(&counts) {
+            *slot = stored_count(value)?;
+        }
+        entries.push((id, day));
+    }
+    Ok(StoredUsage {
+        entries,
+        applied_seq,
+    })
+}
+
 fn evalsha(pipe: &mut Pipeline, lua: &Lua, keys: &[&str], args: &[&str]) {
     pipe.cmd("EVALSHA")
         .arg(lua.sha())
@@ -568,6 +613,50 @@ mod tests {
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn usage_replies_are_read_strictly() {
+        let mut counts = vec![Value::Nil; SLOTS];
+        counts[6] = bulk("5");
+        let reply = Value::Array(vec![
+            bulk("12"),
+            bulk("kt"),
+            Value::Array(counts.clone()),
+            bulk("other"),
+            Value::Array(vec![Value::Nil; SLOTS]),
+        ]);
+        let usage = parse_usage(reply).unwrap();
+        assert_eq!(usage.applied_seq, 12);
+        assert_eq!(usage.entries.len(), 2);
+        assert_eq!(usage.entries[0].0, "kt");
+        assert_eq!(usage.entries[0].1[6], 5);
+        assert_eq!(usage.entries[1].1, [0; SLOTS]);
+        let no_ledger = Value::Array(vec![Value::Nil, bulk("kt"), Value::Array(counts.clone())]);
+        assert_eq!(parse_usage(no_ledger).unwrap().applied_seq, 0);
+        // A field that is not a count fails the read instead of being taken as some number.
+        counts[0] = bulk("x");
+        let bad = Value::Array(vec![Value::Nil, bulk("kt"), Value::Array(counts)]);
+        assert!(matches!(parse_usage(bad), Err(StoreError::Rejected(_))));
+        assert!(matches!(
+            parse_usage(Value::Okay),
+            Err(StoreError::Rejected(_))
+        ));
+    }
+
+    #[test]
+    fn share_replies() {
+        assert_eq!(share_outcome(Value::Int(1)), ShareOutcome::Applied);
+        assert_eq!(share_outcome(Value::Int(0)), ShareOutcome::Applied);
+        let refused = Value::Array(vec![bulk("refused"), bulk("uma:tdl:{u}:e:d"), bulk("why")]);
+        assert_eq!(
+            share_outcome(refused),
+            ShareOutcome::Refused {
+                key: "uma:tdl:{u}:e:d".into(),
+                reason: "why".into()
+            }
+        );
+        assert!(matches!(share_outcome(Value::Nil), ShareOutcome::Failed(_)));
     }
 
     #[test]

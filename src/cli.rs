@@ -174,6 +174,12 @@ async fn serve_until_signal(loaded: Loaded, catalog: Catalog) -> ExitCode {
         }
     };
     tracing::info!(%addr, "listening");
+    let draining = app.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // Not ready from the signal on, so a load balancer stops sending while connections drain.
+        draining.ready.begin_shutdown();
+    };
     crate::http::serve(listener, app, service::serve_options(&loaded), shutdown).await;
     background.stop().await;
     tracing::info!("stopped");

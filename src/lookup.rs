@@ -5,9 +5,14 @@
 //! `cache.stale_ttl_secs` more: while Redis cannot be asked, the last record seen still serves,
 //! then the seed; only a key in no local source gets "cannot decide" (503).
 //!
-//! Redis rules: a record without a TTL belongs to an operator and wins over the seed; a record with a
-//! TTL is a seed copy, honoured only for keys and consumers the running seed still has (so deleting
-//! a key from the seed revokes it on restart). A seed hit that Redis lacks is written back (SETEX).
+//! Redis rules (SPEC §3): a record without a TTL belongs to an operator and wins over the seed. A
+//! record with a TTL is a seed copy, and a copy never stands in for the running seed: for a key or
+//! consumer the seed has, the seed answers unless an operator record exists — whatever an older
+//! seed or another replica left in Redis, and whether or not rewriting the copies at start has
+//! succeeded yet. A copy of a key the seed no longer has is not honoured either (deleting a key
+//! from the seed revokes it on restart). A seed answer whose copy Redis lacks is written back
+//! (SETEX); stale copies are rewritten at start (`service::spawn_seed_copies`), not here, so two
+//! replicas running different seeds during a rollout do not rewrite each other's on every lookup.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -166,29 +171,51 @@ impl Resolver {
         catalog: &Catalog,
         key: &KeyHash,
     ) -> Result<Option<Arc<Consumer>>, StoreError> {
-        let seed = catalog.by_key.get(key);
         let key_name = keys::key_record(key);
-        let key_record = self.readable(store.get_record(&key_name).await, &key_name)?;
-        let from_redis = key_record
-            .as_ref()
-            .filter(|r| r.persistent || seed.is_some())
-            .map(|r| r.value.trim().to_owned())
-            .filter(|name| !name.is_empty());
-        let username = match (from_redis, seed) {
-            (Some(name), _) => name,
-            (None, Some(seed)) => {
-                if key_record.is_none() {
-                    self.write_back(store, key_name, seed.username.to_string());
-                }
-                seed.username.to_string()
-            }
-            // Unknown, or a seed copy of a key the running seed no longer has: revoked.
-            (None, None) => return Ok(None),
+        let Some(seed) = catalog.by_key.get(key) else {
+            // Not a seed key: only an operator's record (no TTL) can make it known.
+            let key_record = self.readable(store.get_record(&key_name).await, &key_name)?;
+            return match operator_pointer(key_record.as_ref()) {
+                Some(username) => self.consumer(store, catalog, username, None).await,
+                None => Ok(None),
+            };
         };
-        let seed = catalog.by_name.get(username.as_str());
-        let record_name = keys::consumer_record(&username);
-        let record = self.readable(store.get_record(&record_name).await, &record_name)?;
-        if let Some(r) = record.as_ref().filter(|r| r.persistent || seed.is_some()) {
+        // A seed key: its record and the seed consumer's, in one round trip.
+        let record_name = keys::consumer_record(&seed.username);
+        let mut records = store
+            .get_records(&[key_name.as_str(), record_name.as_str()])
+            .await?
+            .into_iter();
+        let key_record = self.readable(records.next().unwrap_or(Ok(None)), &key_name)?;
+        let consumer_record = self.readable(records.next().unwrap_or(Ok(None)), &record_name)?;
+        if let Some(username) = operator_pointer(key_record.as_ref())
+            && username != &*seed.username
+        {
+            // An operator gave the key to another consumer.
+            return self.consumer(store, catalog, username, None).await;
+        }
+        if key_record.is_none() {
+            self.write_back(store, key_name, seed.username.to_string());
+        }
+        self.consumer(store, catalog, &seed.username, Some(consumer_record))
+            .await
+    }
+
+    /// The consumer named `username`: an operator record wins, then the seed; a seed copy (a
+    /// record with a TTL) never answers. `record` is its Redis record when already read.
+    async fn consumer(
+        &self,
+        store: &Arc<RedisStore>,
+        catalog: &Catalog,
+        username: &str,
+        record: Option<Option<Record>>,
+    ) -> Result<Option<Arc<Consumer>>, StoreError> {
+        let record_name = keys::consumer_record(username);
+        let record = match record {
+            Some(record) => record,
+            None => self.readable(store.get_record(&record_name).await, &record_name)?,
+        };
+        if let Some(r) = record.as_ref().filter(|r| r.persistent) {
             match record::from_json(&r.value, &record_name) {
                 Ok(consumer) if *consumer.username == *username => {
                     return Ok(Some(Arc::new(consumer)));
@@ -199,15 +226,14 @@ impl Resolver {
                 }
             }
         }
-        match seed {
-            Some(seed) => {
-                if record.is_none() {
-                    self.write_back(store, record_name, record::to_json(seed));
-                }
-                Ok(Some(seed.clone()))
-            }
-            None => Ok(None),
+        let Some(seed) = catalog.by_name.get(username) else {
+            // Unknown, or a seed copy of a consumer the running seed no longer has: revoked.
+            return Ok(None);
+        };
+        if record.is_none() {
+            self.write_back(store, record_name, record::to_json(seed));
         }
+        Ok(Some(seed.clone()))
     }
 
     /// A value Redis refuses to read as a string (an operator wrote another type) is a corrupt
@@ -232,11 +258,26 @@ impl Resolver {
         let store = store.clone();
         let ttl = self.seed_copy_ttl_secs;
         tokio::spawn(async move {
-            if let Err(error) = store.put_seed_copies(&[(key, value)], ttl).await {
-                tracing::debug!(%error, "seed write-back failed");
+            if !store
+                .put_seed_copies(&[(key, value)], ttl, 1)
+                .await
+                .is_empty()
+            {
+                tracing::debug!(
+                    "seed write-back failed; the start-up rewrite or a later lookup retries it"
+                );
             }
         });
     }
+}
+
+/// The username an operator's key record (no TTL) names; a seed copy names nobody: it never
+/// stands in for the running seed.
+fn operator_pointer(record: Option<&Record>) -> Option<&str> {
+    record
+        .filter(|r| r.persistent)
+        .map(|r| r.value.trim())
+        .filter(|name| !name.is_empty())
 }
 
 /// Every seed copy to write at start: each consumer's record and each key's pointer to it.

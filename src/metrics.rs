@@ -144,6 +144,18 @@ fn describe_service_metrics() {
         "uma_tdl_pending_increments",
         "TDL increments not yet confirmed by Redis"
     );
+    describe_counter!(
+        "uma_tdl_evicted_total",
+        "Embedded mode: stored TDL counters evicted, oldest days first, to stay within tdl.max_history_keys"
+    );
+    describe_counter!(
+        "uma_tdl_rejected_writes_total",
+        "Consumer shares of TDL writes Redis refused or failed (a key of the wrong type, a field that is not a count); kept in memory and retried"
+    );
+    describe_gauge!(
+        "uma_redis_seed_copies_pending",
+        "Seed copies not yet written to Redis since start (retried until 0)"
+    );
     describe_gauge!(
         "uma_redis_up",
         "1 while Redis answers; 0 while it is down or not configured"
@@ -158,6 +170,8 @@ fn describe_service_metrics() {
     );
     counter!("uma_tdl_increments_total").increment(0);
     counter!("uma_tdl_dropped_total").increment(0);
+    counter!("uma_tdl_evicted_total").increment(0);
+    counter!("uma_tdl_rejected_writes_total").increment(0);
     counter!("uma_redis_errors_total").increment(0);
     counter!("uma_redis_corrupt_records_total").increment(0);
     gauge!("uma_tdl_pending_increments").set(0.0);

@@ -1,11 +1,16 @@
 //! Wiring: config + seed → catalog → app → listening server. Used by `serve` and by tests that run
 //! the real server in process (with an injected clock) on port 0.
+//!
+//! Also the background work that keeps Redis in line with the running seed: the seed copies are
+//! rewritten at start and retried until every one is written, and `/readyz` is a real latch over
+//! it ([`Readiness`]), released once they are (or at once while Redis cannot be reached: an outage
+//! never makes the service unready), and closed again when shutdown begins.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{oneshot, watch};
@@ -62,6 +67,72 @@ pub fn pin_warnings(loaded: &Loaded, catalog: &Catalog) -> Vec<String> {
         .collect()
 }
 
+/// Seed copies written per round trip (halved after a round of failures, so a slow link still
+/// gets them through within the command timeout).
+const COPY_CHUNK: usize = 200;
+
+/// Longest the seed copies hold readiness back while Redis answers but refuses or delays them:
+/// the running seed answers for its keys whether or not they are written (SPEC §3), so a Redis that
+/// accepts PINGs but not writes must not keep every replica out of service.
+const COPIES_HOLD_READINESS: Duration = Duration::from_secs(30);
+
+/// The `/readyz` latch (SPEC §6): ready once the seed is loaded (it is, before this exists) and,
+/// with Redis configured and reachable, its copies have been written; not ready once shutdown
+/// began.
+#[derive(Debug)]
+pub struct Readiness {
+    since: Instant,
+    copies_written: AtomicBool,
+    stopping: AtomicBool,
+}
+
+/// What `/readyz` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadyState {
+    pub ready: bool,
+    pub seed_copies_written: bool,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness {
+            since: Instant::now(),
+            copies_written: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Readiness {
+    pub fn state(&self, store: Option<&RedisStore>) -> ReadyState {
+        let written = self.copies_written.load(Ordering::Acquire);
+        let ready = !self.stopping.load(Ordering::Acquire)
+            && match store {
+                None => true,
+                // Not before the first health check has said whether Redis is there; then held
+                // only while Redis answers (a Redis outage must not stop the service).
+                Some(store) => {
+                    written
+                        || (store.checked() && !store.is_up())
+                        || self.since.elapsed() >= COPIES_HOLD_READINESS
+                }
+            };
+        ReadyState {
+            ready,
+            seed_copies_written: written,
+        }
+    }
+
+    pub fn seed_copies_written(&self) {
+        self.copies_written.store(true, Ordering::Release);
+    }
+
+    /// Shutdown began: the gateway should stop sending calls here.
+    pub fn begin_shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+}
+
 /// Builds the shared state and starts its background work (Redis health checks, seed copies,
 /// the counter flusher). Call inside a tokio runtime; stop with [`Background::stop`].
 pub fn build_app(
@@ -91,6 +162,7 @@ pub fn build_app(
         &settings.tdl,
         store.clone(),
     ));
+    let ready = Arc::new(Readiness::default());
     let app = Arc::new(App {
         catalog: ArcSwap::from_pointee(catalog),
         resolver: Resolver::new(
@@ -104,42 +176,101 @@ pub fn build_app(
         rules: loaded.read_rules(),
         gateway_secret: loaded.gateway_secret().map(|s| s.as_bytes().into()),
         timezone_name: settings.tdl.timezone.clone(),
-        sync_wait: Duration::from_millis(settings.redis.command_timeout_ms * 2 + 10),
-        ready: AtomicBool::new(true),
+        sync_wait: Duration::from_millis(
+            settings
+                .redis
+                .command_timeout_ms
+                .saturating_mul(2)
+                .saturating_add(10),
+        ),
+        ready: ready.clone(),
     });
     let (stop, stopped) = watch::channel(false);
     if let Some(store) = &store {
         let interval = Duration::from_millis(settings.redis.health_interval_ms);
-        spawn_redis_upkeep(store, &app, interval, settings.redis.cache_ttl_secs);
+        store.spawn_health_loop(interval, || {});
+        spawn_seed_copies(
+            store.clone(),
+            app.catalog.load_full(),
+            settings.redis.cache_ttl_secs,
+            interval,
+            ready.clone(),
+            stopped.clone(),
+        );
         tokio::spawn(counters.clone().run_flusher(stopped));
     }
     let background = Background {
         stop,
         counters,
+        ready,
         final_flush: Duration::from_millis(settings.tdl.shutdown_flush_ms),
     };
     (app, background)
 }
 
-/// Health checks; on the first connection, the seed's consumers are rewritten in Redis so a
-/// restarted service never serves an older seed than its own.
-fn spawn_redis_upkeep(store: &Arc<RedisStore>, app: &Arc<App>, interval: Duration, ttl: u64) {
-    let app = Arc::downgrade(app);
-    let store_for_copies = store.clone();
-    let copied = AtomicBool::new(false);
-    store.spawn_health_loop(interval, move || {
-        if copied.swap(true, Ordering::AcqRel) {
+/// Rewrites the seed's copies in Redis (SETEX; operator records are left alone) so a restarted
+/// service never leaves an older seed's copies behind, retrying what was not written until all of
+/// it is: a failed chunk neither stops the others nor is forgotten. Meanwhile lookups never take a
+/// copy over the running seed, so this only decides when `/readyz` lets traffic in.
+pub fn spawn_seed_copies(
+    store: Arc<RedisStore>,
+    catalog: Arc<Catalog>,
+    ttl: u64,
+    poll: Duration,
+    ready: Arc<Readiness>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let Ok(mut left) = tokio::task::spawn_blocking(move || seed_copies(&catalog)).await else {
             return;
-        }
-        let Some(app) = app.upgrade() else { return };
-        let items = seed_copies(&app.catalog.load());
-        let store = store_for_copies.clone();
-        tokio::spawn(async move {
-            match store.put_seed_copies(&items, ttl).await {
-                Ok(()) => tracing::info!(records = items.len(), "seed copies written to Redis"),
-                Err(error) => tracing::warn!(%error, "seed copies not written; lookups write them back one by one"),
+        };
+        let total = left.len();
+        let pending = ::metrics::gauge!("uma_redis_seed_copies_pending");
+        let poll = poll.max(Duration::from_millis(10));
+        let (mut chunk, mut backoff, mut warned) = (COPY_CHUNK, poll, false);
+        loop {
+            pending.set(left.len() as f64);
+            if left.is_empty() {
+                ready.seed_copies_written();
+                tracing::info!(records = total, "seed copies written to Redis");
+                return;
             }
-        });
+            if !store.is_up() {
+                // Written once the health loop sees Redis again.
+                tokio::select! {
+                    () = tokio::time::sleep(poll) => {}
+                    _ = stopped.changed() => return,
+                }
+                continue;
+            }
+            let failed = store.put_seed_copies(&left, ttl, chunk).await;
+            if failed.len() < left.len() {
+                backoff = poll;
+            }
+            if !failed.is_empty() {
+                if !warned {
+                    warned = true;
+                    tracing::warn!(
+                        left = failed.len(),
+                        of = total,
+                        "seed copies not all written to Redis; retrying until they are (the running seed answers for its keys meanwhile)"
+                    );
+                }
+                chunk = (chunk / 2).max(10);
+            }
+            let mut tried = std::mem::take(&mut left);
+            left = failed
+                .into_iter()
+                .filter_map(|i| tried.get_mut(i).map(std::mem::take))
+                .collect();
+            if !left.is_empty() {
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = stopped.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
     });
 }
 
@@ -147,12 +278,14 @@ fn spawn_redis_upkeep(store: &Arc<RedisStore>, app: &Arc<App>, interval: Duratio
 pub struct Background {
     stop: watch::Sender<bool>,
     counters: Arc<TdlCounters>,
+    ready: Arc<Readiness>,
     final_flush: Duration,
 }
 
 impl Background {
     /// Stops the flusher and writes what is pending (trying for at most `tdl.shutdown_flush_ms`).
     pub async fn stop(self) {
+        self.ready.begin_shutdown();
         let _ = self.stop.send(true);
         self.counters.final_flush(self.final_flush).await;
     }
@@ -198,11 +331,64 @@ impl Running {
     }
 
     /// Graceful stop: returns once connections are drained or the grace period is over.
+    /// `/readyz` answers not ready from the start of it.
     pub async fn stop(mut self) {
+        self.app.ready.begin_shutdown();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         let _ = (&mut self.task).await;
         self.background.stop().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::config::{RedisSettings, Settings};
+
+    #[tokio::test]
+    async fn readiness_waits_for_the_first_check_but_not_for_an_outage() {
+        let settings = RedisSettings {
+            url: "redis://127.0.0.1:1".into(),
+            ..RedisSettings::default()
+        };
+        let store = RedisStore::new(&settings).unwrap();
+        let ready = Readiness::default();
+        let state = ready.state(Some(&store));
+        assert!(!state.ready, "before the first health check");
+        assert!(store.ping().await.is_err());
+        let state = ready.state(Some(&store));
+        assert!(state.ready, "redis down is no reason to be unready");
+        assert!(!state.seed_copies_written);
+        ready.seed_copies_written();
+        assert!(ready.state(Some(&store)).seed_copies_written);
+        ready.begin_shutdown();
+        assert!(!ready.state(Some(&store)).ready);
+    }
+
+    #[tokio::test]
+    async fn stopping_the_background_work_closes_readiness() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let env = [
+            ("UMA_REDIS__URL", String::new()),
+            (
+                "UMA_SEED__PATH",
+                dir.join("config/seed.yaml").display().to_string(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let loaded = Settings::load(Some(&dir.join("config/default.toml")), Some(env)).unwrap();
+        let catalog = load_catalog(&loaded, None).unwrap();
+        let (app, background) = build_app(&loaded, catalog, Arc::new(SystemClock));
+        assert!(app.ready.state(None).ready, "embedded: ready once built");
+        background.stop().await;
+        assert!(
+            !app.ready.state(None).ready,
+            "not ready once shutdown began"
+        );
     }
 }

@@ -9,7 +9,6 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -25,6 +24,7 @@ use crate::core::request::{AuthRequest, KeyPresence, ReadRules, read_api, read_a
 use crate::core::{Consumer, Forbidden, Refusal, authorize, presented_key};
 use crate::lookup::{Resolution, Resolver};
 use crate::metrics::{Endpoint, Metrics, Outcome};
+use crate::service::Readiness;
 use crate::store::RedisStore;
 use crate::tdl::TdlCounters;
 
@@ -45,7 +45,8 @@ pub struct App {
     pub timezone_name: String,
     /// Longest time a `sync` call waits for its increment to reach Redis.
     pub sync_wait: Duration,
-    pub ready: AtomicBool,
+    /// The `/readyz` latch: seed copies written, not shutting down (see [`Readiness`]).
+    pub ready: Arc<Readiness>,
 }
 
 impl App {
@@ -169,10 +170,7 @@ impl App {
             return Err(Refusal::Forbidden(Forbidden::Acl));
         }
         let body = match endpoint {
-            Endpoint::TdlMatrix => self
-                .tdl_matrix_json(&catalog, &consumer, &routes)
-                .await
-                .ok_or(Refusal::Unavailable)?,
+            Endpoint::TdlMatrix => self.tdl_matrix_json(&catalog, &consumer, &routes).await,
             _ => catalog
                 .policy
                 .applicable_list(&consumer, &routes)
@@ -182,13 +180,14 @@ impl App {
     }
 
     /// Today's usage for the consumer: the applicable list's entries, then any other entry used
-    /// today (sorted by id). `None` when Redis holds the counts and cannot be read.
+    /// today (sorted by id). Always an answer: while Redis cannot be read the counts are the last
+    /// ones read plus this process's increments since, marked `"complete":false` (SPEC §7).
     async fn tdl_matrix_json(
         &self,
         catalog: &Catalog,
         consumer: &Consumer,
         routes: &RouteMatch<'_>,
-    ) -> Option<String> {
+    ) -> String {
         let stamp = self.counters.now();
         let applicable = catalog.policy.applicable_list(consumer, routes);
         let known: Vec<&str> = applicable
@@ -197,18 +196,19 @@ impl App {
         let mut usage = self
             .counters
             .usage(&consumer.username, stamp.date, &known)
-            .await
-            .ok()?;
-        usage[known.len()..].sort_by(|a, b| a.0.cmp(&b.0));
+            .await;
+        if let Some(others) = usage.entries.get_mut(known.len()..) {
+            others.sort_by(|a, b| a.0.cmp(&b.0));
+        }
         let lists: Vec<_> = catalog.policy.describing_lists(consumer).collect();
         let mut out = String::from("{\"timezone\":");
         write_ascii_json_string(&mut out, &self.timezone_name);
         let _ = write!(
             out,
-            ",\"date\":\"{}\",\"slot\":\"T{}\",\"entries\":[",
-            stamp.date, stamp.slot
+            ",\"date\":\"{}\",\"slot\":\"T{}\",\"complete\":{},\"entries\":[",
+            stamp.date, stamp.slot, usage.complete
         );
-        for (i, (id, counts)) in usage.iter().enumerate() {
+        for (i, (id, counts)) in usage.entries.iter().enumerate() {
             let entry = lists.iter().find_map(|l| l.find(id));
             out.push_str(if i > 0 { ",{\"id\":" } else { "{\"id\":" });
             write_ascii_json_string(&mut out, id);
@@ -228,17 +228,30 @@ impl App {
             out.push_str("}}");
         }
         out.push_str("]}");
-        Some(out)
+        out
     }
 
+    /// `/readyz`: 503 until the latch is released. With Redis configured, `redis.seed_copies` says
+    /// whether the seed's copies have been written yet.
     fn readiness(&self) -> Response<Body> {
-        let ready = self.ready.load(Ordering::Acquire);
-        let body = format!(
-            "{{\"ready\":{ready},\"redis\":{{\"configured\":{},\"connected\":{}}}}}",
-            self.store.is_some(),
-            self.store.as_ref().is_some_and(|s| s.is_up())
+        let store = self.store.as_deref();
+        let state = self.ready.state(store);
+        let mut body = format!(
+            "{{\"ready\":{},\"redis\":{{\"configured\":{},\"connected\":{}",
+            state.ready,
+            store.is_some(),
+            store.is_some_and(|s| s.is_up())
         );
-        let status = if ready {
+        if store.is_some() {
+            let copies = if state.seed_copies_written {
+                "written"
+            } else {
+                "pending"
+            };
+            let _ = write!(body, ",\"seed_copies\":\"{copies}\"");
+        }
+        body.push_str("}}");
+        let status = if state.ready {
             StatusCode::OK
         } else {
             StatusCode::SERVICE_UNAVAILABLE

@@ -22,14 +22,22 @@ pub fn tdl_counter(username: &str, entry: &str, date: Date) -> String {
     format!("uma:tdl:{{{username}}}:{entry}:{date}")
 }
 
+/// The parts of [`tdl_counter`] around the entry id, for a script that finds entry ids in the
+/// day's index: `prefix + entry + suffix` is the counter's key.
+pub fn tdl_counter_affixes(username: &str, date: Date) -> (String, String) {
+    (format!("uma:tdl:{{{username}}}:"), format!(":{date}"))
+}
+
 /// `uma:tdl-entries:{<username>}:<YYYY-MM-DD>` → set of entry ids used that day.
 pub fn tdl_entries(username: &str, date: Date) -> String {
     format!("uma:tdl-entries:{{{username}}}:{date}")
 }
 
-/// `uma:tdl-applied:{<username>}` → hash instance id → last batch sequence applied.
-pub fn tdl_applied(username: &str) -> String {
-    format!("uma:tdl-applied:{{{username}}}")
+/// `uma:tdl-applied:{<username>}:<instance>` → the last batch sequence of one service process
+/// applied for the consumer (the exactly-once ledger). One key per process, with a TTL of its own,
+/// so the ledgers of processes long gone expire instead of piling up in one structure.
+pub fn tdl_applied(username: &str, instance: &str) -> String {
+    format!("uma:tdl-applied:{{{username}}}:{instance}")
 }
 
 #[cfg(test)]
@@ -53,6 +61,11 @@ mod tests {
             "uma:tdl:{u}:kt-midm-base:2026-11-27"
         );
         assert_eq!(tdl_entries("u", d), "uma:tdl-entries:{u}:2026-11-27");
-        assert_eq!(tdl_applied("u"), "uma:tdl-applied:{u}");
+        assert_eq!(tdl_applied("u", "0a1b"), "uma:tdl-applied:{u}:0a1b");
+        let (prefix, suffix) = tdl_counter_affixes("u", d);
+        assert_eq!(
+            format!("{prefix}kt-midm-base{suffix}"),
+            tdl_counter("u", "kt-midm-base", d)
+        );
     }
 }

@@ -4,6 +4,9 @@
 //! timeout; the first failure marks Redis down, after which callers skip it without any I/O until the
 //! health loop (a PING every `health_interval_ms`) sees it answer again. Callers fall back to the
 //! in-process cache and the seed, and keep counters in memory meanwhile.
+//!
+//! Pipelines are sent with per-command results (`ignore_errors`): one key of the wrong type is that
+//! key's problem, reported with its name, never a failure of everything else in the round trip.
 
 pub mod keys;
 pub mod scripts;
@@ -55,24 +58,26 @@ impl deadpool::managed::Manager for CheckedManager {
 type Pool = deadpool::managed::Pool<CheckedManager>;
 
 /// Why an operation failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// Redis cannot be reached in time: it is marked down.
+    #[error("redis unavailable: {0}")]
     Unavailable(String),
     /// Redis answered with an error (wrong type, script error): data trouble, not an outage.
+    #[error("redis rejected the command: {0}")]
     Rejected(String),
     /// Redis does not know a script (it restarted or was flushed): load it and retry.
+    #[error("redis lost its scripts")]
     NoScript,
 }
 
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StoreError::Unavailable(e) => write!(f, "redis unavailable: {e}"),
-            StoreError::Rejected(e) => write!(f, "redis rejected the command: {e}"),
-            StoreError::NoScript => write!(f, "redis lost its scripts"),
-        }
-    }
+/// Why the store could not be built (a malformed URL; the config check normally catches it).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("not a Redis URL: {0}")]
+    Url(#[source] RedisError),
+    #[error("cannot build the connection pool: {0}")]
+    Pool(#[from] deadpool::managed::BuildError),
 }
 
 /// A string value and whether it has no TTL (an operator's record, never overwritten by seed copies).
@@ -90,11 +95,25 @@ pub struct CounterDelta {
     pub slots: [u64; SLOTS],
 }
 
-/// One consumer's share of a batch (one script call, one Cluster slot).
+/// One consumer's share of a batch (one script call, one Cluster slot), with the sequence number it
+/// is sent under: a retry sends the same share under the same number.
 #[derive(Debug, Clone)]
 pub struct ConsumerBatch {
     pub username: Arc<str>,
+    pub seq: u64,
     pub counters: Vec<CounterDelta>,
+}
+
+/// What Redis did with one consumer's share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShareOutcome {
+    /// Applied now, or by an earlier try of the same sequence: confirmed either way.
+    Applied,
+    /// A key has the wrong type or a field is not a count (`key` names it): nothing was written.
+    Refused { key: String, reason: String },
+    /// Redis answered this share with an error of its own (out of memory, a read-only replica…):
+    /// whether any of it was written is not known, so it is retried as it is.
+    Failed(String),
 }
 
 /// Counters of one consumer and day as Redis holds them.
@@ -109,6 +128,8 @@ pub struct RedisStore {
     pool: Pool,
     timeout: Duration,
     up: AtomicBool,
+    /// Whether the first health check has finished (either way).
+    checked: AtomicBool,
     up_gauge: Gauge,
     errors: Counter,
     url_for_logs: String,
@@ -116,26 +137,26 @@ pub struct RedisStore {
 
 impl RedisStore {
     /// Builds the pool; nothing connects until first use. Fails only on a malformed URL.
-    pub fn new(settings: &RedisSettings) -> Result<RedisStore, String> {
+    pub fn new(settings: &RedisSettings) -> Result<RedisStore, BuildError> {
         let connect = Duration::from_millis(settings.connect_timeout_ms);
         let timeout = Duration::from_millis(settings.command_timeout_ms);
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(connect))
             .set_response_timeout(Some(timeout));
         let manager = deadpool_redis::Manager::new_with_config(settings.url.as_str(), config)
-            .map_err(|e| e.to_string())?;
+            .map_err(BuildError::Url)?;
         let pool = Pool::builder(CheckedManager(manager))
             .max_size(settings.pool_size)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(timeout))
             .create_timeout(Some(connect))
             .recycle_timeout(Some(timeout))
-            .build()
-            .map_err(|e| e.to_string())?;
+            .build()?;
         let store = RedisStore {
             pool,
             timeout,
             up: AtomicBool::new(false),
+            checked: AtomicBool::new(false),
             up_gauge: gauge!("uma_redis_up"),
             errors: counter!("uma_redis_errors_total"),
             url_for_logs: redact(&settings.url),
@@ -147,6 +168,11 @@ impl RedisStore {
     /// Whether Redis answered lately; when false, callers must not wait on it.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// Whether the first health check has finished, so [`RedisStore::is_up`] means something.
+    pub fn checked(&self) -> bool {
+        self.checked.load(Ordering::Acquire)
     }
 
     fn set_up(&self, up: bool) {
@@ -200,15 +226,23 @@ impl RedisStore {
         result
     }
 
-    /// PING; updates the health latch either way.
+    /// PING; updates the health latch either way. A Redis that cannot be reached at the very first
+    /// check is said once (SPEC §2): later losses are said by the latch as it flips.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let result = self
             .run(
                 |mut conn| async move { redis::cmd("PING").query_async::<String>(&mut conn).await },
             )
             .await;
-        if result.is_ok() {
-            self.set_up(true);
+        let first = !self.checked.swap(true, Ordering::AcqRel);
+        match &result {
+            Ok(_) => self.set_up(true),
+            Err(error) if first => tracing::warn!(
+                redis = %self.url_for_logs,
+                %error,
+                "redis unreachable at start; serving from the seed, counting in memory, reconnecting in the background"
+            ),
+            Err(_) => {}
         }
         result.map(|_| ())
     }
@@ -236,61 +270,96 @@ impl RedisStore {
 
     /// GET and PTTL of one string key, in one round trip.
     pub async fn get_record(&self, key: &str) -> Result<Option<Record>, StoreError> {
-        let key = key.to_owned();
-        let (value, ttl): (Option<String>, i64) = self
-            .run(|mut conn| async move {
-                redis::pipe()
-                    .cmd("GET")
-                    .arg(&key)
-                    .cmd("PTTL")
-                    .arg(&key)
-                    .query_async(&mut conn)
-                    .await
-            })
-            .await?;
-        Ok(value.map(|value| Record {
-            value,
-            persistent: ttl == -1,
-        }))
+        self.get_records(&[key]).await?.pop().unwrap_or(Ok(None))
     }
 
-    /// Writes seed copies with a TTL, leaving records an operator made persistent alone.
+    /// GET and PTTL of several string keys, in one round trip. Each key has its own result: one
+    /// key of the wrong type is that key's `Rejected`, not a failure of the others.
+    pub async fn get_records(
+        &self,
+        keys: &[&str],
+    ) -> Result<Vec<Result<Option<Record>, StoreError>>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for key in keys {
+            pipe.cmd("GET").arg(*key).cmd("PTTL").arg(*key);
+        }
+        let values: Vec<Value> = self
+            .run(|mut conn| async move { pipe.query_async(&mut conn).await })
+            .await?;
+        let mut values = values.into_iter();
+        let mut records = Vec::with_capacity(keys.len());
+        for _ in keys {
+            let (value, ttl) = (values.next(), values.next());
+            records.push(record(value, ttl));
+        }
+        Ok(records)
+    }
+
+    /// Writes seed copies with a TTL, leaving records an operator made persistent alone, `chunk`
+    /// scripts per round trip. Returns the indexes of the items not written: a chunk that fails does
+    /// not stop the others, and once Redis is marked down the rest are left for the next try.
     pub async fn put_seed_copies(
         &self,
         items: &[(String, String)],
         ttl_secs: u64,
-    ) -> Result<(), StoreError> {
-        for chunk in items.chunks(500) {
+        chunk: usize,
+    ) -> Vec<usize> {
+        let chunk = chunk.max(1);
+        let ttl = ttl_secs.to_string();
+        let mut failed = Vec::new();
+        for (n, part) in items.chunks(chunk).enumerate() {
+            let first = n * chunk;
+            if !self.is_up() {
+                failed.extend(first..items.len());
+                break;
+            }
             let mut pipe = redis::pipe();
-            for (key, value) in chunk {
+            pipe.ignore_errors();
+            for (key, value) in part {
                 evalsha(
                     &mut pipe,
                     &scripts::SET_UNLESS_PERSISTENT,
                     &[key.as_str()],
-                    &[value.clone(), ttl_secs.to_string()],
+                    &[value.as_str(), ttl.as_str()],
                 );
             }
-            self.query_with_scripts(&pipe, &[&scripts::SET_UNLESS_PERSISTENT])
-                .await?;
+            match self
+                .query_scripts(&pipe, &[&scripts::SET_UNLESS_PERSISTENT])
+                .await
+            {
+                Ok(values) => {
+                    for i in 0..part.len() {
+                        if !matches!(values.get(i), Some(Value::Int(_))) {
+                            failed.push(first + i);
+                        }
+                    }
+                }
+                Err(_) => failed.extend(first..first + part.len()),
+            }
         }
-        Ok(())
+        failed
     }
 
-    /// Applies a counter batch, one script call per consumer, all in one round trip.
+    /// Applies a counter batch, one script call per consumer, all in one round trip. Each consumer's
+    /// share has its own outcome, so one bad key holds back only its own consumer. `Err` means the
+    /// round trip itself failed: whether any share was applied is then unknown.
     pub async fn apply_batch(
         &self,
         instance: &str,
-        seq: u64,
         retention_secs: u64,
+        ledger_ttl_secs: u64,
         batch: &[ConsumerBatch],
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<ShareOutcome>, StoreError> {
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let (retention, ledger_ttl) = (retention_secs.to_string(), ledger_ttl_secs.to_string());
         for consumer in batch {
-            let mut keys = vec![keys::tdl_applied(&consumer.username)];
+            let mut keys = vec![keys::tdl_applied(&consumer.username, instance)];
             let mut args = vec![
-                instance.to_owned(),
-                seq.to_string(),
-                retention_secs.to_string(),
+                consumer.seq.to_string(),
+                retention.clone(),
+                ledger_ttl.clone(),
             ];
             for counter in &consumer.counters {
                 keys.push(keys::tdl_counter(
@@ -314,13 +383,29 @@ impl RedisStore {
                 }
             }
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             evalsha(&mut pipe, &scripts::APPLY_BATCH, &keys, &args);
         }
-        self.query_with_scripts(&pipe, &[&scripts::APPLY_BATCH])
-            .await
+        let values = self.query_scripts(&pipe, &[&scripts::APPLY_BATCH]).await?;
+        if values.len() != batch.len() {
+            return Err(StoreError::Rejected(format!(
+                "{} replies for {} scripts",
+                values.len(),
+                batch.len()
+            )));
+        }
+        let outcomes: Vec<ShareOutcome> = values.into_iter().map(share_outcome).collect();
+        let failed = outcomes
+            .iter()
+            .filter(|o| !matches!(o, ShareOutcome::Applied))
+            .count();
+        self.errors.increment(failed as u64);
+        Ok(outcomes)
     }
 
-    /// Today's counters of a consumer: the given entries plus any other entry used that day.
+    /// Today's counters of a consumer: the given entries plus any other entry used that day, and
+    /// this instance's ledger, read in one atomic step (one script), so no concurrent write can be
+    /// seen in part.
     pub async fn read_usage(
         &self,
         username: &str,
@@ -328,89 +413,164 @@ impl RedisStore {
         instance: &str,
         known_entries: &[&str],
     ) -> Result<StoredUsage, StoreError> {
-        let index = keys::tdl_entries(username, date);
-        let used: Vec<String> = self
-            .run(|mut conn| async move {
-                redis::cmd("SMEMBERS")
-                    .arg(&index)
-                    .query_async(&mut conn)
-                    .await
-            })
-            .await?;
-        let mut ids: Vec<String> = known_entries.iter().map(|s| s.to_string()).collect();
-        for id in used {
-            if !ids.contains(&id) {
-                ids.push(id);
-            }
-        }
+        let (prefix, suffix) = keys::tdl_counter_affixes(username, date);
+        let mut key_names = vec![
+            keys::tdl_entries(username, date),
+            keys::tdl_applied(username, instance),
+        ];
+        key_names.extend(
+            known_entries
+                .iter()
+                .map(|id| keys::tdl_counter(username, id, date)),
+        );
+        let key_names: Vec<&str> = key_names.iter().map(String::as_str).collect();
+        let mut args = vec![prefix.as_str(), suffix.as_str()];
+        args.extend_from_slice(known_entries);
         let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.cmd("HMGET").arg(keys::tdl_counter(username, id, date));
-            for slot in 1..=SLOTS {
-                pipe.arg(format!("T{slot}"));
-            }
+        pipe.ignore_errors();
+        evalsha(&mut pipe, &scripts::READ_USAGE, &key_names, &args);
+        let reply = self
+            .query_scripts(&pipe, &[&scripts::READ_USAGE])
+            .await?
+            .pop()
+            .unwrap_or(Value::Nil);
+        let usage = parse_usage(reply);
+        if usage.is_err() {
+            self.errors.increment(1);
         }
-        pipe.cmd("HGET")
-            .arg(keys::tdl_applied(username))
-            .arg(instance);
-        let (counts, applied): (Vec<Vec<Option<u64>>>, Option<u64>) = self
-            .run(|mut conn| async move {
-                let mut values: Vec<Value> = pipe.query_async(&mut conn).await?;
-                let applied_value = values.pop().unwrap_or(Value::Nil);
-                let applied: Option<u64> = redis::from_redis_value(applied_value)?;
-                let counts: Vec<Vec<Option<u64>>> = values
-                    .into_iter()
-                    .map(redis::from_redis_value)
-                    .collect::<Result<_, _>>()?;
-                Ok((counts, applied))
-            })
-            .await?;
-        let entries = ids
-            .into_iter()
-            .zip(counts)
-            .map(|(id, slots)| {
-                let mut day = [0u64; SLOTS];
-                for (i, n) in slots.into_iter().enumerate().take(SLOTS) {
-                    day[i] = n.unwrap_or(0);
-                }
-                (id, day)
-            })
-            .collect();
-        Ok(StoredUsage {
-            entries,
-            applied_seq: applied.unwrap_or(0),
-        })
+        usage
     }
 
-    /// Runs a pipeline of EVALSHAs; if Redis lost its script cache, loads the scripts and retries
-    /// once (the scripts are idempotent, so a partial first run is harmless).
-    async fn query_with_scripts(&self, pipe: &Pipeline, used: &[&Lua]) -> Result<(), StoreError> {
+    /// Runs a pipeline of EVALSHAs (built with `ignore_errors`, so each command has its own reply);
+    /// if Redis lost its script cache, loads the scripts and runs it once more. That is safe because
+    /// every script is idempotent: a share applied by the first run is a no-op in the second.
+    async fn query_scripts(
+        &self,
+        pipe: &Pipeline,
+        used: &[&Lua],
+    ) -> Result<Vec<Value>, StoreError> {
         let first = self
-            .run(|mut conn| async move { pipe.query_async::<Value>(&mut conn).await })
+            .run(|mut conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await })
             .await;
         match first {
-            Err(StoreError::NoScript) => {
-                for lua in used {
-                    let source = lua.source;
-                    self.run(|mut conn| async move {
-                        redis::cmd("SCRIPT")
-                            .arg("LOAD")
-                            .arg(source)
-                            .query_async::<String>(&mut conn)
-                            .await
-                    })
-                    .await?;
-                }
-                self.run(|mut conn| async move { pipe.query_async::<Value>(&mut conn).await })
-                    .await
-                    .map(|_| ())
-            }
-            other => other.map(|_| ()),
+            Ok(values) if !values.iter().any(is_noscript) => return Ok(values),
+            Ok(_) | Err(StoreError::NoScript) => {}
+            Err(error) => return Err(error),
         }
+        for lua in used {
+            let source = lua.source;
+            self.run(|mut conn| async move {
+                redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(source)
+                    .query_async::<String>(&mut conn)
+                    .await
+            })
+            .await?;
+        }
+        self.run(|mut conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await })
+            .await
     }
 }
 
-fn evalsha(pipe: &mut Pipeline, lua: &Lua, keys: &[&str], args: &[String]) {
+fn is_noscript(value: &Value) -> bool {
+    matches!(value, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript))
+}
+
+/// The bytes of a string reply.
+fn bytes(value: &Value) -> Option<&[u8]> {
+    match value {
+        Value::BulkString(bytes) => Some(bytes),
+        Value::SimpleString(text) => Some(text.as_bytes()),
+        _ => None,
+    }
+}
+
+/// A GET and PTTL reply pair as a record.
+fn record(value: Option<Value>, ttl: Option<Value>) -> Result<Option<Record>, StoreError> {
+    let persistent = match ttl {
+        Some(Value::Int(ttl)) => ttl == -1,
+        Some(Value::ServerError(e)) => return Err(StoreError::Rejected(e.to_string())),
+        other => return Err(StoreError::Rejected(format!("PTTL answered {other:?}"))),
+    };
+    match value {
+        Some(Value::Nil) => Ok(None),
+        Some(Value::ServerError(e)) => Err(StoreError::Rejected(e.to_string())),
+        Some(v) => match bytes(&v).map(|b| String::from_utf8(b.to_vec())) {
+            Some(Ok(value)) => Ok(Some(Record { value, persistent })),
+            Some(Err(_)) => Err(StoreError::Rejected("not UTF-8".into())),
+            None => Err(StoreError::Rejected(format!("GET answered {v:?}"))),
+        },
+        None => Err(StoreError::Rejected("no reply".into())),
+    }
+}
+
+fn share_outcome(value: Value) -> ShareOutcome {
+    match value {
+        Value::Int(_) => ShareOutcome::Applied,
+        Value::Array(parts) if parts.len() == 3 && bytes(&parts[0]) == Some(b"refused") => {
+            let text =
+                |v: &Value| String::from_utf8_lossy(bytes(v).unwrap_or_default()).into_owned();
+            ShareOutcome::Refused {
+                key: text(&parts[1]),
+                reason: text(&parts[2]),
+            }
+        }
+        Value::ServerError(e) => ShareOutcome::Failed(e.to_string()),
+        other => ShareOutcome::Failed(format!("unexpected reply {other:?}")),
+    }
+}
+
+/// A count as stored: absent is 0; anything but a non-negative integer makes the read fail (shown
+/// as incomplete) rather than be taken as a wrong number.
+fn stored_count(value: &Value) -> Result<u64, StoreError> {
+    match value {
+        Value::Nil => Ok(0),
+        Value::Int(n) => u64::try_from(*n).map_err(|_| StoreError::Rejected(format!("count {n}"))),
+        v => bytes(v)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| StoreError::Rejected(format!("not a count: {v:?}"))),
+    }
+}
+
+/// The reply of [`scripts::READ_USAGE`].
+fn parse_usage(reply: Value) -> Result<StoredUsage, StoreError> {
+    let items = match reply {
+        Value::Array(items) => items,
+        Value::ServerError(e) => return Err(StoreError::Rejected(e.to_string())),
+        other => {
+            return Err(StoreError::Rejected(format!(
+                "usage read answered {other:?}"
+            )));
+        }
+    };
+    let mut items = items.into_iter();
+    let applied_seq = stored_count(&items.next().unwrap_or(Value::Nil))?;
+    let mut entries = Vec::new();
+    while let (Some(id), Some(counts)) = (items.next(), items.next()) {
+        let id = bytes(&id)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .ok_or_else(|| StoreError::Rejected("an entry id that is not text".into()))?
+            .to_owned();
+        let Value::Array(counts) = counts else {
+            return Err(StoreError::Rejected(format!(
+                "counts of {id} are not a list"
+            )));
+        };
+        let mut day = [0u64; SLOTS];
+        for (slot, value) in day.iter_mut().zip(&counts) {
+            *slot = stored_count(value)?;
+        }
+        entries.push((id, day));
+    }
+    Ok(StoredUsage {
+        entries,
+        applied_seq,
+    })
+}
+
+fn evalsha(pipe: &mut Pipeline, lua: &Lua, keys: &[&str], args: &[&str]) {
     pipe.cmd("EVALSHA")
         .arg(lua.sha())
         .arg(keys.len())
@@ -450,6 +610,73 @@ fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn usage_replies_are_read_strictly() {
+        let mut counts = vec![Value::Nil; SLOTS];
+        counts[6] = bulk("5");
+        let reply = Value::Array(vec![
+            bulk("12"),
+            bulk("kt"),
+            Value::Array(counts.clone()),
+            bulk("other"),
+            Value::Array(vec![Value::Nil; SLOTS]),
+        ]);
+        let usage = parse_usage(reply).unwrap();
+        assert_eq!(usage.applied_seq, 12);
+        assert_eq!(usage.entries.len(), 2);
+        assert_eq!(usage.entries[0].0, "kt");
+        assert_eq!(usage.entries[0].1[6], 5);
+        assert_eq!(usage.entries[1].1, [0; SLOTS]);
+        let no_ledger = Value::Array(vec![Value::Nil, bulk("kt"), Value::Array(counts.clone())]);
+        assert_eq!(parse_usage(no_ledger).unwrap().applied_seq, 0);
+        // A field that is not a count fails the read instead of being taken as some number.
+        counts[0] = bulk("x");
+        let bad = Value::Array(vec![Value::Nil, bulk("kt"), Value::Array(counts)]);
+        assert!(matches!(parse_usage(bad), Err(StoreError::Rejected(_))));
+        assert!(matches!(
+            parse_usage(Value::Okay),
+            Err(StoreError::Rejected(_))
+        ));
+    }
+
+    #[test]
+    fn share_replies() {
+        assert_eq!(share_outcome(Value::Int(1)), ShareOutcome::Applied);
+        assert_eq!(share_outcome(Value::Int(0)), ShareOutcome::Applied);
+        let refused = Value::Array(vec![bulk("refused"), bulk("uma:tdl:{u}:e:d"), bulk("why")]);
+        assert_eq!(
+            share_outcome(refused),
+            ShareOutcome::Refused {
+                key: "uma:tdl:{u}:e:d".into(),
+                reason: "why".into()
+            }
+        );
+        assert!(matches!(share_outcome(Value::Nil), ShareOutcome::Failed(_)));
+    }
+
+    #[test]
+    fn records_keep_their_ttl_kind() {
+        let persistent = record(Some(bulk("u1")), Some(Value::Int(-1))).unwrap();
+        assert_eq!(
+            persistent,
+            Some(Record {
+                value: "u1".into(),
+                persistent: true
+            })
+        );
+        let copy = record(Some(bulk("u1")), Some(Value::Int(5000))).unwrap();
+        assert!(!copy.unwrap().persistent);
+        assert_eq!(
+            record(Some(Value::Nil), Some(Value::Int(-2))).unwrap(),
+            None
+        );
+        assert!(record(None, None).is_err());
+    }
 
     #[test]
     fn passwords_are_redacted() {

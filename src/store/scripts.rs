@@ -1,4 +1,10 @@
-//! Lua scripts: the two writes that must be atomic on the Redis side.
+//! Lua scripts: the steps that must be atomic on the Redis side.
+//!
+//! Redis does not roll back a script's earlier writes when a later command fails, so the write
+//! script checks every key it will touch (type, and that each field it adds to holds an integer)
+//! before its first write, and answers a refusal as a reply instead of raising: a refused share is
+//! known to have written nothing and can be retried later under a new sequence. Its ledger is
+//! written last, so a share is only ever marked applied once all of it is.
 
 use std::sync::LazyLock;
 
@@ -29,21 +35,54 @@ return 1
 ";
 
 /// Applies one consumer's share of a counter batch exactly once.
-/// KEYS[1] = the consumer's batch ledger; then pairs (counter hash, day's entry index).
-/// ARGV: instance id, batch sequence, retention seconds, then per pair: entry id, field count,
-/// and that many (field, increment) pairs. A sequence at or below the ledger's is already applied
-/// (batches of one instance are written strictly in order), so a retry after a timeout adds nothing.
+///
+/// KEYS[1] = this instance's ledger for the consumer (a string: the last sequence applied); then
+/// pairs (counter hash, day's entry index). ARGV: sequence, retention seconds, ledger TTL seconds,
+/// then per pair: entry id, field count, and that many (field, increment) pairs.
+///
+/// Replies 1 (applied), 0 (this sequence was applied before: a retry after a timeout adds nothing),
+/// or `["refused", key, reason]` when a key has the wrong type or a field is not a count — then
+/// nothing was written. A sequence at or below the ledger's is already applied: one instance sends
+/// a consumer's shares strictly in order, one at a time.
+///
+/// Fields are capped at 18 digits, so no HINCRBY can overflow and fail after the checks.
 pub static APPLY_BATCH: Lua = Lua {
     source: APPLY_BATCH_SOURCE,
     script: LazyLock::new(|| Script::new(APPLY_BATCH_SOURCE)),
 };
 const APPLY_BATCH_SOURCE: &str = r"
-local seq = tonumber(ARGV[2])
-local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if seq <= last then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], seq)
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+local function kind(key) return redis.call('TYPE', key)['ok'] end
+local function count(v) return string.match(v, '^%d+$') ~= nil and #v <= 18 end
+local ledger = kind(KEYS[1])
+local last = 0
+if ledger == 'string' then
+  local v = redis.call('GET', KEYS[1])
+  if not count(v) then return {'refused', KEYS[1], 'the ledger is not a sequence number'} end
+  last = tonumber(v)
+elseif ledger ~= 'none' then
+  return {'refused', KEYS[1], 'the ledger is a ' .. ledger .. ', not a string'}
+end
+if tonumber(ARGV[1]) <= last then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  return 0
+end
 local a = 4
+for k = 2, #KEYS, 2 do
+  local t = kind(KEYS[k])
+  if t ~= 'none' and t ~= 'hash' then return {'refused', KEYS[k], 'the counter is a ' .. t .. ', not a hash'} end
+  t = kind(KEYS[k + 1])
+  if t ~= 'none' and t ~= 'set' then return {'refused', KEYS[k + 1], 'the entry index is a ' .. t .. ', not a set'} end
+  local n = tonumber(ARGV[a + 1])
+  a = a + 2
+  for _ = 1, n do
+    local v = redis.call('HGET', KEYS[k], ARGV[a])
+    if v and not count(v) then
+      return {'refused', KEYS[k], 'field ' .. ARGV[a] .. ' is not a count'}
+    end
+    a = a + 2
+  end
+end
+a = 4
 for k = 2, #KEYS, 2 do
   local entry = ARGV[a]
   local n = tonumber(ARGV[a + 1])
@@ -52,9 +91,44 @@ for k = 2, #KEYS, 2 do
     redis.call('HINCRBY', KEYS[k], ARGV[a], ARGV[a + 1])
     a = a + 2
   end
-  redis.call('EXPIRE', KEYS[k], ARGV[3])
+  redis.call('EXPIRE', KEYS[k], ARGV[2])
   redis.call('SADD', KEYS[k + 1], entry)
-  redis.call('EXPIRE', KEYS[k + 1], ARGV[3])
+  redis.call('EXPIRE', KEYS[k + 1], ARGV[2])
 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 return 1
+";
+
+/// Reads a consumer's day in one atomic step, so a count can never be seen half-updated by a
+/// concurrent write: the day's entry index, the counters of the given entries and of every entry in
+/// the index, and this instance's ledger.
+///
+/// KEYS[1] = entry index; KEYS[2] = ledger; KEYS[3..] = counters of the entries ARGV[3..].
+/// ARGV[1], ARGV[2] = counter key prefix and suffix around an entry id (for entries found only in
+/// the index; they share the consumer's hash tag). Replies `[ledger or nil, id, [T1..T12], id, …]`.
+/// A key of the wrong type raises (nothing is written, so nothing can be half done).
+pub static READ_USAGE: Lua = Lua {
+    source: READ_USAGE_SOURCE,
+    script: LazyLock::new(|| Script::new(READ_USAGE_SOURCE)),
+};
+const READ_USAGE_SOURCE: &str = r"
+local ids, keys, seen = {}, {}, {}
+for i = 3, #ARGV do
+  ids[#ids + 1] = ARGV[i]
+  keys[#keys + 1] = KEYS[i]
+  seen[ARGV[i]] = true
+end
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if not seen[id] then
+    seen[id] = true
+    ids[#ids + 1] = id
+    keys[#keys + 1] = ARGV[1] .. id .. ARGV[2]
+  end
+end
+local out = {redis.call('GET', KEYS[2])}
+for i, id in ipairs(ids) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HMGET', keys[i], 'T1', 'T2', 'T3', 'T4', 'T5', 'T6', 'T7', 'T8', 'T9', 'T10', 'T11', 'T12')
+end
+return out
 ";

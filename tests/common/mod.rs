@@ -239,6 +239,17 @@ pub fn raw(addr: SocketAddr, bytes: &[u8], head_only: bool) -> Response {
     read_response(&mut stream, head_only)
 }
 
+/// One read, retried when a signal interrupts it (EINTR, seen on a loaded shared VM for every
+/// blocked read of the test process at once): only the read, so a request is never sent twice.
+pub fn read_some(stream: &mut TcpStream, buffer: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match stream.read(buffer) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 pub fn read_response(stream: &mut TcpStream, head_only: bool) -> Response {
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -246,7 +257,7 @@ pub fn read_response(stream: &mut TcpStream, head_only: bool) -> Response {
         if let Some(i) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
-        let n = stream.read(&mut chunk).expect("read answer head");
+        let n = read_some(stream, &mut chunk).expect("read answer head");
         assert!(
             n > 0,
             "connection closed before an answer: {:?}",
@@ -275,7 +286,7 @@ pub fn read_response(stream: &mut TcpStream, head_only: bool) -> Response {
     let mut body = buffer[head_end..].to_vec();
     if !head_only && status != 204 {
         while body.len() < length {
-            let n = stream.read(&mut chunk).expect("read body");
+            let n = read_some(stream, &mut chunk).expect("read body");
             if n == 0 {
                 break;
             }

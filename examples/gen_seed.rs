@@ -4,7 +4,9 @@
 //! N consumers `bench-consumer-<i>` with key `bench-key-<i>` (so a load generator can spread calls
 //! over all of them), one ACL group each, and every tenth with a metadata list of its own (the
 //! others use the global list, as Kong consumers without their own plugin would). The bundled
-//! seed's routes are kept so the bundled config's pins and ACLs apply.
+//! seed's routes are kept so the bundled config's pins and ACLs apply. With `ROUTES=M` in the
+//! environment (JSON only), M more routes `/bench-route-<j>/chat` stand under a service whose
+//! `acl` and `key-auth` apply to them, beside a global `acl`: a Kong file with its placements.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -51,11 +53,32 @@ fn json_seed(count: usize) -> String {
         })
         .collect();
     let route = |name: &str, path: &str, group: &str| serde_json::json!({"name": name, "paths": [path], "plugins": [{"name": "acl", "config": {"allow": [group]}}]});
+    let extra_routes: usize = std::env::var("ROUTES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let service_routes: Vec<serde_json::Value> = (0..extra_routes)
+        .map(|j| serde_json::json!({"name": format!("bench-route-{j}"), "paths": [format!("/bench-route-{j}/chat")], "methods": ["GET", "POST"]}))
+        .collect();
+    let both = ["midm-allowed", "openai-allowed"];
+    let mut plugins = plugin(vec![
+        json_entry("kt-midm-base", "kt"),
+        json_entry("azure-gpt4o", "azure"),
+    ]);
+    if extra_routes > 0
+        && let Some(list) = plugins.as_array_mut()
+    {
+        list.push(serde_json::json!({"name": "acl", "config": {"allow": both}}));
+    }
     serde_json::json!({
         "_format_version": "3.0",
         "consumers": consumers,
+        "services": [{"name": "bench-svc", "url": "http://upstream", "routes": service_routes, "plugins": [
+            {"name": "acl", "config": {"allow": both}},
+            {"name": "key-auth", "config": {"key_names": ["apikey"]}},
+        ]}],
         "routes": [route("midm", "/midm-base/chat", "midm-allowed"), route("gpt4o", "/gpt4o/chat", "openai-allowed")],
-        "plugins": plugin(vec![json_entry("kt-midm-base", "kt"), json_entry("azure-gpt4o", "azure")]),
+        "plugins": plugins,
     })
     .to_string()
 }

@@ -1,7 +1,16 @@
 //! user-metadata-auth: a forward-auth service for AI/LLM API gateways.
 //!
-//! `core` decides (pure, no I/O); `seed` and `config` load what it decides on; `tdl` counts allowed
-//! calls per time slot; `http` serves it all; `service` wires the pieces; `cli` is what the binary runs.
+//! # Layout
+//!
+//! - `core` decides, with no I/O: it reads the original request, matches routes and Kong plugins,
+//!   and turns key → consumer → entry into an allow (with prebuilt headers) or a `Refusal`.
+//! - `seed` and `config` load what it decides on, reporting every problem with its place; `problem`
+//!   is that report.
+//! - `lookup` finds a key's consumer (in-process cache, Redis, seed); `store` is all Redis I/O.
+//! - `tdl` counts allowed calls per time slot, exactly once; `clock` is its injectable time source.
+//! - `http` serves it all (connections in `http::conn`, answers in `http::answer`); `metrics` and
+//!   `request_stats` are what Prometheus scrapes; `logging` sets up tracing.
+//! - `service` wires the pieces; `cli` is what the binary runs.
 
 pub mod cli;
 pub mod clock;

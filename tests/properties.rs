@@ -62,6 +62,7 @@ fn fields() -> EntryFields {
         max_output_tokens: 1,
         input_cost_per_token: Decimal::ZERO,
         output_cost_per_token: Decimal::ZERO,
+        limits: None,
     }
 }
 

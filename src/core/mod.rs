@@ -12,6 +12,7 @@ pub mod decimal;
 pub mod format;
 pub mod intern;
 pub mod key;
+pub mod limits;
 pub mod model;
 pub mod path;
 pub mod refusal;

@@ -16,6 +16,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use super::decimal::Decimal;
 use super::format::{ascii_json_string_array, write_ascii_json_string, write_number_array};
 use super::intern::intern;
+use super::limits::Limits;
 use super::text::is_printable_ascii;
 
 /// The twelve header names of an allowed answer, in the order the SPEC lists them.
@@ -55,6 +56,8 @@ pub struct EntryFields {
     pub max_output_tokens: u64,
     pub input_cost_per_token: Decimal,
     pub output_cost_per_token: Decimal,
+    /// SPEC §8.1; `None` when the entry has no `limits` block.
+    pub limits: Option<Limits>,
 }
 
 /// A metadata entry with its precomputed header values and JSON forms.
@@ -245,6 +248,10 @@ fn entry_json(fields: &EntryFields, tdl_json: &Bytes, capabilities: &HeaderValue
     fields.input_cost_per_token.write_plain(&mut out);
     out.push_str(",\"output_cost_per_token\":");
     fields.output_cost_per_token.write_plain(&mut out);
+    if let Some(limits) = &fields.limits {
+        out.push_str(",\"limits\":");
+        limits.write_json(&mut out);
+    }
     out.push('}');
     out
 }
@@ -381,6 +388,7 @@ pub(crate) mod tests {
             max_output_tokens: 20000,
             input_cost_per_token: Decimal::parse("5e-08").unwrap(),
             output_cost_per_token: Decimal::parse("0.0000002").unwrap(),
+            limits: None,
         }
     }
 

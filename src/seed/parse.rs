@@ -1033,6 +1033,7 @@ fn entry(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Entry> {
         max_output_tokens: max_output_tokens?,
         input_cost_per_token: input_cost_per_token?,
         output_cost_per_token: output_cost_per_token?,
+        limits: None,
     };
     Entry::new(fields)
         .map_err(|e| ctx.report(line, path, e.to_string()))

@@ -15,13 +15,15 @@ pub mod key;
 pub mod limits;
 pub mod model;
 pub mod path;
+pub mod quota;
 pub mod refusal;
 pub mod request;
 pub mod routes;
 pub mod text;
+pub mod window;
 
 pub use decide::{Catalog, Policy, authorize, presented_key};
 pub use decimal::Decimal;
 pub use key::KeyHash;
 pub use model::{Consumer, Entry, EntryFields, METADATA_HEADER_NAMES, MetadataList};
-pub use refusal::{Forbidden, Refusal};
+pub use refusal::{Forbidden, RateLimitFields, RateLimitedBy, Refusal};

@@ -30,6 +30,24 @@ pub enum Refusal {
     /// 403: refused by a route or the entitlement; the reason is for logs only, the answer is the
     /// same for all (a client learns nothing about which rule it hit).
     Forbidden(Forbidden),
+    /// 429: a request limit of the chosen entry is reached (SPEC §8.1); carries the answer's
+    /// `Retry-After` and RateLimit fields.
+    RateLimited(Box<RateLimitedBy>),
+}
+
+/// Which windows refused a call, as the 429 answer writes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitedBy {
+    pub retry_after: u64,
+    /// `RateLimit-Policy` and `RateLimit`.
+    pub fields: RateLimitFields,
+}
+
+/// The two RateLimit fields of an answer for an entry with limits (200 and 429 alike).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitFields {
+    pub policy: String,
+    pub state: String,
 }
 
 /// Which rule answered 403.
@@ -45,7 +63,7 @@ pub enum Forbidden {
 
 impl Refusal {
     /// Every metrics label, in the order [`Refusal::label_index`] numbers them.
-    pub const LABELS: [&'static str; 7] = [
+    pub const LABELS: [&'static str; 8] = [
         "bad_request",
         "unknown_gateway",
         "duplicate_key",
@@ -53,6 +71,7 @@ impl Refusal {
         "unavailable",
         "invalid_key",
         "forbidden",
+        "rate_limited",
     ];
 
     /// The `decision` label of `uma_requests_total`.
@@ -73,6 +92,7 @@ impl Refusal {
             Refusal::Unavailable => 4,
             Refusal::InvalidKey => 5,
             Refusal::Forbidden(_) => 6,
+            Refusal::RateLimited(_) => 7,
         }
     }
 
@@ -90,6 +110,7 @@ impl Refusal {
             Refusal::Unavailable => "Metadata store unavailable",
             Refusal::InvalidKey => "Invalid authentication credentials",
             Refusal::Forbidden(_) => "You cannot consume this service",
+            Refusal::RateLimited(_) => "API rate limit exceeded",
         }
     }
 
@@ -105,6 +126,7 @@ impl Refusal {
             | Refusal::NoKey
             | Refusal::InvalidKey => 401,
             Refusal::Forbidden(_) => 403,
+            Refusal::RateLimited(_) => 429,
             Refusal::Unavailable => 503,
         }
     }

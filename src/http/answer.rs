@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
-use http::{HeaderValue, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::core::{Consumer, Entry, Refusal};
+use crate::core::{Consumer, Entry, RateLimitFields, Refusal};
 
 pub type Body = Full<Bytes>;
 
@@ -39,7 +39,24 @@ pub fn refuse(refusal: &Refusal) -> Response<Body> {
         }
         _ => {}
     }
+    if let Refusal::RateLimited(by) = refusal {
+        if let Ok(seconds) = HeaderValue::from_str(&by.retry_after.to_string()) {
+            headers.insert(RETRY_AFTER, seconds);
+        }
+        rate_limit_fields(&mut response, &by.fields);
+    }
     response
+}
+
+/// `RateLimit-Policy` and `RateLimit` (SPEC §8.1), on a 200 or a 429 for an entry with limits.
+pub fn rate_limit_fields(response: &mut Response<Body>, fields: &RateLimitFields) {
+    let headers = response.headers_mut();
+    // Built from integers and fixed names only, so always valid header values.
+    for (name, value) in [("ratelimit-policy", &fields.policy), ("ratelimit", &fields.state)] {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    }
 }
 
 pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {

@@ -32,6 +32,7 @@ pub struct Settings {
     pub cache: CacheSettings,
     pub server: ServerSettings,
     pub auth: AuthSettings,
+    pub limits: LimitsSettings,
     pub log: LogSettings,
     pub routes: Vec<RouteSettings>,
 }
@@ -110,6 +111,25 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// On SIGTERM, how long in-flight requests and idle keep-alive connections may take to finish.
     pub shutdown_grace_ms: u64,
+}
+
+/// What a replica does with request limits while Redis cannot be asked (SPEC §8.1).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRedisDown {
+    /// Keep enforcing with the count last known plus this replica's own calls since.
+    #[default]
+    Local,
+    /// Calls on entries with limits answer 503.
+    Deny,
+    /// Limits are not enforced.
+    Allow,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSettings {
+    pub on_redis_down: OnRedisDown,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -196,6 +216,7 @@ impl Default for Settings {
             cache: CacheSettings::default(),
             server: ServerSettings::default(),
             auth: AuthSettings::default(),
+            limits: LimitsSettings::default(),
             log: LogSettings::default(),
             routes: Vec::new(),
         }

@@ -21,6 +21,7 @@ pub mod logging;
 pub mod lookup;
 pub mod metrics;
 pub mod problem;
+pub mod quota;
 pub mod request_stats;
 pub mod seed;
 pub mod service;

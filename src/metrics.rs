@@ -165,6 +165,16 @@ fn describe_service_metrics() {
         "Redis operations that failed or timed out"
     );
     describe_counter!(
+        "uma_quota_round_trips_total",
+        "Redis round trips for request quota: leases, returned leases, settlements"
+    );
+    describe_gauge!(
+        "uma_quota_leased_unused",
+        "Request quota this replica holds in Redis and has not used yet"
+    );
+    counter!("uma_quota_round_trips_total").increment(0);
+    gauge!("uma_quota_leased_unused").set(0.0);
+    describe_counter!(
         "uma_redis_corrupt_records_total",
         "Redis records that failed validation and were treated as missing"
     );

@@ -23,6 +23,7 @@ use crate::http::{self, App, ServeOptions};
 use crate::lookup::{Resolver, seed_copies};
 use crate::metrics::{self, Metrics};
 use crate::problem::Problem;
+use crate::quota::Quotas;
 use crate::seed;
 use crate::store::RedisStore;
 use crate::tdl::TdlCounters;
@@ -156,6 +157,13 @@ pub fn build_app(
         .flatten()
         .map(Arc::new);
     ::metrics::gauge!("uma_redis_configured").set(if store.is_some() { 1.0 } else { 0.0 });
+    let quotas = Arc::new(Quotas::new(
+        loaded.timezone.clone(),
+        clock.clone(),
+        store.clone(),
+        settings.limits.on_redis_down,
+    ));
+    tokio::spawn(quotas.clone().run_upkeep());
     let counters = Arc::new(TdlCounters::new(
         loaded.timezone.clone(),
         clock,
@@ -171,6 +179,7 @@ pub fn build_app(
             settings.redis.cache_ttl_secs,
         ),
         counters: counters.clone(),
+        quotas,
         store: store.clone(),
         metrics,
         rules: loaded.read_rules(),

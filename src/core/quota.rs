@@ -26,7 +26,11 @@ pub struct WindowLimit {
 
 /// The request limits of `limits` in force at `now`, by position in [`REQUEST_KINDS`]: a slot map
 /// without the current slot has no slot limit now.
-pub fn request_windows(limits: &Limits, now: Timestamp, zone: &TimeZone) -> [Option<WindowLimit>; 3] {
+pub fn request_windows(
+    limits: &Limits,
+    now: Timestamp,
+    zone: &TimeZone,
+) -> [Option<WindowLimit>; 3] {
     REQUEST_KINDS.map(|kind| {
         let window = Window::of(kind, now, zone);
         let limit = match (kind, &window.id) {
@@ -176,8 +180,14 @@ mod tests {
         };
         let now = ts("2026-03-08T07:30:00Z");
         let s = standings(&limits, now, &ny, 0);
-        assert_eq!(policy_field(&s), r#""slot";q=10;w=3600, "day";q=100;w=82800"#);
-        assert_eq!(state_field(&s, now), r#""slot";r=10;t=1800, "day";r=100;t=73800"#);
+        assert_eq!(
+            policy_field(&s),
+            r#""slot";q=10;w=3600, "day";q=100;w=82800"#
+        );
+        assert_eq!(
+            state_field(&s, now),
+            r#""slot";r=10;t=1800, "day";r=100;t=73800"#
+        );
     }
 
     #[test]
@@ -221,6 +231,10 @@ mod tests {
             ..Limits::default()
         };
         let s = standings(&limits, ts("2026-12-01T00:00:00Z"), &TimeZone::UTC, 0);
-        assert!(policy_field(&s).contains("q=999999999999999;"), "{}", policy_field(&s));
+        assert!(
+            policy_field(&s).contains("q=999999999999999;"),
+            "{}",
+            policy_field(&s)
+        );
     }
 }

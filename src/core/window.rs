@@ -195,7 +195,10 @@ mod tests {
         assert_eq!(t1.length_secs(), 7_200);
         let t2 = Window::slot(ts("2026-03-08T07:30:00Z"), &ny);
         assert_eq!(t2.id, WindowId::Slot(jiff::civil::date(2026, 3, 8), 2));
-        assert_eq!((t2.start, t2.end), (ts("2026-03-08T07:00:00Z"), ts("2026-03-08T08:00:00Z")));
+        assert_eq!(
+            (t2.start, t2.end),
+            (ts("2026-03-08T07:00:00Z"), ts("2026-03-08T08:00:00Z"))
+        );
         assert_eq!(t2.length_secs(), 3_600);
         let day = Window::day(ts("2026-03-08T12:00:00Z"), &ny);
         assert_eq!(day.length_secs(), 23 * 3_600);
@@ -208,22 +211,44 @@ mod tests {
         let first = Window::slot(ts("2026-11-01T05:30:00Z"), &ny);
         let repeated = Window::slot(ts("2026-11-01T06:30:00Z"), &ny);
         assert_eq!(first, repeated);
-        assert_eq!((first.start, first.end), (ts("2026-11-01T04:00:00Z"), ts("2026-11-01T07:00:00Z")));
+        assert_eq!(
+            (first.start, first.end),
+            (ts("2026-11-01T04:00:00Z"), ts("2026-11-01T07:00:00Z"))
+        );
         assert_eq!(first.length_secs(), 3 * 3_600);
         let t2 = Window::slot(ts("2026-11-01T07:00:00Z"), &ny);
         assert_eq!(t2.id, WindowId::Slot(jiff::civil::date(2026, 11, 1), 2));
-        assert_eq!(Window::day(ts("2026-11-01T12:00:00Z"), &ny).length_secs(), 25 * 3_600);
+        assert_eq!(
+            Window::day(ts("2026-11-01T12:00:00Z"), &ny).length_secs(),
+            25 * 3_600
+        );
     }
 
     #[test]
     fn months_and_key_suffixes() {
         let utc = TimeZone::UTC;
         let m = Window::month(ts("2026-02-14T10:00:00Z"), &utc);
-        assert_eq!((m.start, m.end), (ts("2026-02-01T00:00:00Z"), ts("2026-03-01T00:00:00Z")));
+        assert_eq!(
+            (m.start, m.end),
+            (ts("2026-02-01T00:00:00Z"), ts("2026-03-01T00:00:00Z"))
+        );
         assert_eq!(m.length_secs(), 28 * 86_400);
         assert_eq!(m.id.key_suffix(), "mo:2026-02");
-        assert_eq!(Window::day(ts("2026-02-14T10:00:00Z"), &utc).id.key_suffix(), "d:2026-02-14");
-        assert_eq!(Window::slot(ts("2026-02-14T10:00:00Z"), &utc).id.key_suffix(), "s:2026-02-14:T6");
-        assert_eq!(Window::minute(ts("1970-01-01T00:02:30Z")).id.key_suffix(), "m:2");
+        assert_eq!(
+            Window::day(ts("2026-02-14T10:00:00Z"), &utc)
+                .id
+                .key_suffix(),
+            "d:2026-02-14"
+        );
+        assert_eq!(
+            Window::slot(ts("2026-02-14T10:00:00Z"), &utc)
+                .id
+                .key_suffix(),
+            "s:2026-02-14:T6"
+        );
+        assert_eq!(
+            Window::minute(ts("1970-01-01T00:02:30Z")).id.key_suffix(),
+            "m:2"
+        );
     }
 }

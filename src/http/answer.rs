@@ -52,7 +52,10 @@ pub fn refuse(refusal: &Refusal) -> Response<Body> {
 pub fn rate_limit_fields(response: &mut Response<Body>, fields: &RateLimitFields) {
     let headers = response.headers_mut();
     // Built from integers and fixed names only, so always valid header values.
-    for (name, value) in [("ratelimit-policy", &fields.policy), ("ratelimit", &fields.state)] {
+    for (name, value) in [
+        ("ratelimit-policy", &fields.policy),
+        ("ratelimit", &fields.state),
+    ] {
         if let Ok(value) = HeaderValue::from_str(value) {
             headers.insert(HeaderName::from_static(name), value);
         }

@@ -24,6 +24,7 @@ use crate::core::request::{AuthRequest, KeyPresence, ReadRules, read_api, read_a
 use crate::core::{Consumer, Forbidden, Refusal, authorize, presented_key};
 use crate::lookup::{Resolution, Resolver};
 use crate::metrics::{Endpoint, Metrics, Outcome};
+use crate::quota::Quotas;
 use crate::service::Readiness;
 use crate::store::RedisStore;
 use crate::tdl::TdlCounters;
@@ -36,6 +37,8 @@ pub struct App {
     pub catalog: ArcSwap<Catalog>,
     pub resolver: Resolver,
     pub counters: Arc<TdlCounters>,
+    /// Request limits (SPEC §8.1).
+    pub quotas: Arc<Quotas>,
     pub store: Option<Arc<RedisStore>>,
     pub metrics: Metrics,
     /// How `/auth` requests are read (`[auth]`).
@@ -112,13 +115,31 @@ impl App {
         let key = request.key(&catalog.policy.key_auths(&routes));
         let consumer = self.consumer(&catalog, &key).await?;
         let entry = authorize(&catalog.policy, &consumer, &request, &routes)?;
+        // The last check (SPEC §4 steps 7-8): only a call that is allowed takes quota.
+        let rate_limit = match entry
+            .fields
+            .limits
+            .as_ref()
+            .filter(|l| l.has_request_limits())
+        {
+            Some(limits) => Some(
+                self.quotas
+                    .take(&consumer.username, &entry.id, limits)
+                    .await?,
+            ),
+            None => None,
+        };
         if let Some(stored) = self.counters.record(&consumer.username, &entry.id) {
             // Sync mode: answer once Redis has the increment, or when it cannot have it soon
             // (then it stays buffered and the call is still allowed).
             let _ = tokio::time::timeout(self.sync_wait, stored).await;
         }
         tracing::debug!(consumer = %consumer.username, entry = %entry.id, path = %request.original.path, "allow");
-        Ok(answer::allow(&consumer, entry))
+        let mut response = answer::allow(&consumer, entry);
+        if let Some(fields) = &rate_limit {
+            answer::rate_limit_fields(&mut response, fields);
+        }
+        Ok(response)
     }
 
     /// `auth.gateway_secret`: compared in constant time, so timing tells nothing about it.

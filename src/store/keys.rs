@@ -40,6 +40,13 @@ pub fn tdl_applied(username: &str, instance: &str) -> String {
     format!("uma:tdl-applied:{{{username}}}:{instance}")
 }
 
+/// `uma:quota:{<username>}:<entry id>:<window>` → hash of reserved request quota (SPEC §8.1):
+/// `total` and one field per replica. The window suffix (`m:<minute>`, `s:<date>:T<n>`, `d:<date>`)
+/// is recognisable from the end, so entry ids holding `:` cannot make two keys meet.
+pub fn quota(username: &str, entry: &str, window: &crate::core::window::WindowId) -> String {
+    format!("uma:quota:{{{username}}}:{entry}:{}", window.key_suffix())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

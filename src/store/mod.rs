@@ -80,6 +80,13 @@ pub enum BuildError {
     Pool(#[from] deadpool::managed::BuildError),
 }
 
+/// A replica's holding of a window's quota and the total all replicas hold, as Redis has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaReply {
+    pub held: u64,
+    pub total: u64,
+}
+
 /// A string value and whether it has no TTL (an operator's record, never overwritten by seed copies).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -439,6 +446,70 @@ impl RedisStore {
             self.errors.increment(1);
         }
         usage
+    }
+
+    /// Asks for `want` more request quota in a window (see [`scripts::QUOTA_LEASE`]): returns the
+    /// replica's holding and the total reserved by all replicas after the call.
+    pub async fn quota_lease(
+        &self,
+        key: &str,
+        instance: &str,
+        believed: u64,
+        want: u64,
+        limit: u64,
+        ttl_secs: u64,
+    ) -> Result<QuotaReply, StoreError> {
+        let args = [
+            instance.to_owned(),
+            believed.to_string(),
+            want.to_string(),
+            limit.to_string(),
+            ttl_secs.to_string(),
+        ];
+        self.quota_script(&scripts::QUOTA_LEASE, key, &args).await
+    }
+
+    /// Sets the replica's holding in a window to `used` (see [`scripts::QUOTA_SYNC`]).
+    pub async fn quota_sync(
+        &self,
+        key: &str,
+        instance: &str,
+        used: u64,
+        ttl_secs: u64,
+    ) -> Result<QuotaReply, StoreError> {
+        let args = [instance.to_owned(), used.to_string(), ttl_secs.to_string()];
+        self.quota_script(&scripts::QUOTA_SYNC, key, &args).await
+    }
+
+    async fn quota_script(
+        &self,
+        lua: &Lua,
+        key: &str,
+        args: &[String],
+    ) -> Result<QuotaReply, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        evalsha(&mut pipe, lua, &[key], &args);
+        let reply = self
+            .query_scripts(&pipe, &[lua])
+            .await?
+            .pop()
+            .unwrap_or(Value::Nil);
+        let parsed = match &reply {
+            Value::Array(items) => match items.as_slice() {
+                [Value::Int(held), Value::Int(total)] if *held >= 0 => Some(QuotaReply {
+                    held: u64::try_from(*held).unwrap_or(0),
+                    total: u64::try_from(*total).unwrap_or(0),
+                }),
+                _ => None,
+            },
+            _ => None,
+        };
+        parsed.ok_or_else(|| {
+            self.errors.increment(1);
+            StoreError::Rejected(format!("quota key {key}: {reply:?}"))
+        })
     }
 
     /// Runs a pipeline of EVALSHAs (built with `ignore_errors`, so each command has its own reply);

@@ -132,3 +132,52 @@ for i, id in ipairs(ids) do
 end
 return out
 ";
+
+/// Reserves request quota for one replica in one window (SPEC §8.1 leases), exactly once.
+/// KEYS[1] = the window's quota hash (field `total`: reserved by all replicas; one field per
+/// replica: what it holds, cumulatively). ARGV: instance, the holding the replica believes it has,
+/// how much more it wants, the limit, TTL seconds. The request is applied only if the holding is
+/// still the one the replica saw, so a retry after a timeout (the first try may have been applied)
+/// reserves nothing twice: it just learns the holding. Returns {holding, total}, or {-1, type} when
+/// the key is not a hash (written by someone else: nothing is touched).
+pub static QUOTA_LEASE: Lua = Lua {
+    source: QUOTA_LEASE_SOURCE,
+    script: LazyLock::new(|| Script::new(QUOTA_LEASE_SOURCE)),
+};
+const QUOTA_LEASE_SOURCE: &str = r"
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'hash' and kind ~= 'none' then return {-1, kind} end
+local held = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local total = tonumber(redis.call('HGET', KEYS[1], 'total') or '0')
+if held ~= tonumber(ARGV[2]) then return {held, total} end
+local give = math.min(tonumber(ARGV[3]), tonumber(ARGV[4]) - total)
+if give > 0 then
+  redis.call('HINCRBY', KEYS[1], ARGV[1], give)
+  redis.call('HINCRBY', KEYS[1], 'total', give)
+  held = held + give
+  total = total + give
+end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return {held, total}
+";
+
+/// Sets one replica's holding in a window to what it used: returns an unused lease (idle replica)
+/// or records calls it allowed beyond its lease while Redis was down. Absolute, so a retry is
+/// harmless. KEYS[1] = the quota hash; ARGV: instance, used, TTL seconds. Returns {used, total},
+/// or {-1, type} when the key is not a hash.
+pub static QUOTA_SYNC: Lua = Lua {
+    source: QUOTA_SYNC_SOURCE,
+    script: LazyLock::new(|| Script::new(QUOTA_SYNC_SOURCE)),
+};
+const QUOTA_SYNC_SOURCE: &str = r"
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'hash' and kind ~= 'none' then return {-1, kind} end
+local held = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local used = tonumber(ARGV[2])
+if held ~= used then
+  redis.call('HINCRBY', KEYS[1], 'total', used - held)
+  redis.call('HSET', KEYS[1], ARGV[1], used)
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+return {used, tonumber(redis.call('HGET', KEYS[1], 'total') or '0')}
+";

@@ -21,7 +21,10 @@ impl SlotLimit {
     pub fn of(&self, slot: u8) -> Option<u64> {
         match self {
             SlotLimit::Every(n) => Some(*n),
-            SlotLimit::Some(slots) => slots.get(usize::from(slot).checked_sub(1)?).copied().flatten(),
+            SlotLimit::Some(slots) => slots
+                .get(usize::from(slot).checked_sub(1)?)
+                .copied()
+                .flatten(),
         }
     }
 }
@@ -73,7 +76,10 @@ impl Limits {
         };
         int("requests_per_day", self.requests_per_day);
         int("tokens_per_day", self.tokens_per_day);
-        for (name, value) in [("cost_per_day", &self.cost_per_day), ("cost_per_month", &self.cost_per_month)] {
+        for (name, value) in [
+            ("cost_per_day", &self.cost_per_day),
+            ("cost_per_month", &self.cost_per_month),
+        ] {
             if let Some(v) = value {
                 fields.push(format!("\"{name}\":{}", v.to_plain()));
             }

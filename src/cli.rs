@@ -103,10 +103,11 @@ fn print_problems(problems: &[Problem]) {
 
 fn summary(loaded: &Loaded, catalog: &Catalog) -> String {
     format!(
-        "ok: {} consumers, {} keys, {} metadata entries, {} seed routes, {} config routes (seed {})",
+        "ok: {} consumers, {} keys, {} metadata entries ({} with limits), {} seed routes, {} config routes (seed {})",
         catalog.consumers.len(),
         catalog.by_key.len(),
         catalog.entry_count(),
+        catalog.entries_with_limits(),
         catalog.policy.seed_routes.len(),
         catalog.policy.config_routes.len(),
         loaded.settings.seed.path.display()

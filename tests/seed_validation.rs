@@ -967,7 +967,7 @@ plugins:
     let out = check_passes(&text);
     assert!(
         out.stdout
-            .contains("1 consumers, 1 keys, 2 metadata entries, 1 seed routes"),
+            .contains("1 consumers, 1 keys, 2 metadata entries (0 with limits), 1 seed routes"),
         "{}",
         out.show()
     );

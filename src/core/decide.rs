@@ -78,6 +78,14 @@ impl Catalog {
         self.lists().map(|l| l.entries().len()).sum()
     }
 
+    /// Entries with a `limits` block, counted like [`Catalog::entry_count`] (once per list).
+    pub fn entries_with_limits(&self) -> usize {
+        self.lists()
+            .flat_map(|l| l.entries())
+            .filter(|e| e.fields.limits.is_some())
+            .count()
+    }
+
     /// Whether some list holds an entry with this id.
     pub fn has_entry(&self, id: &str) -> bool {
         self.lists().any(|l| l.find(id).is_some())

@@ -14,13 +14,14 @@ use std::sync::Arc;
 
 use super::yaml::{Node, Value};
 use crate::core::decimal::Decimal;
+use crate::core::limits::{Limits, SlotLimit};
 use crate::core::model::SLOTS;
 use crate::core::routes::{Acl, HostPattern, KeyAuth, RoutePath, SeedRoute};
 use crate::core::text::Text;
 use crate::core::{Consumer, Entry, EntryFields, KeyHash, MetadataList};
 use crate::problem::Problem;
 
-const ENTRY_FIELDS: [&str; 9] = [
+const ENTRY_FIELDS: [&str; 10] = [
     "id",
     "provider_name",
     "tags",
@@ -30,7 +31,27 @@ const ENTRY_FIELDS: [&str; 9] = [
     "max_output_tokens",
     "input_cost_per_token",
     "output_cost_per_token",
+    "limits",
 ];
+
+const LIMIT_FIELDS: [&str; 6] = [
+    "requests_per_minute",
+    "requests_per_slot",
+    "requests_per_day",
+    "tokens_per_day",
+    "cost_per_day",
+    "cost_per_month",
+];
+
+/// Costs and prices are summed in integer units of 10^-12 (SPEC §9): a finer amount could not be
+/// summed exactly, so it is refused (SPEC §8.1).
+const MONEY_PLACES: u32 = 12;
+
+/// The largest count, cost or price accepted: 15 digits before the point. A count or budget becomes
+/// a RateLimit `q` or `r` (a structured-field integer has at most 15 digits), and SPEC §9 promises
+/// exact sums only below 10^15 units of the price unit, so a larger budget could never be reached
+/// exactly anyway. An accepted amount is below 10^27 units of 10^-12: `to_units(12)` always fits.
+const MAX_AMOUNT: u64 = 999_999_999_999_999;
 
 /// A route's paths as matched (with the length that ranks a regex).
 pub type RoutePaths = Vec<(RoutePath, usize)>;
@@ -173,6 +194,40 @@ impl Ctx {
             self.report(node.line, path, "must be an integer");
         }
         integer
+    }
+
+    /// A count of `limits` (requests or tokens): an integer >= 0 of at most 15 digits.
+    fn count(&mut self, node: &Node, path: &str) -> Option<u64> {
+        let count = self.integer(node, path)?;
+        if count > MAX_AMOUNT {
+            self.report(node.line, path, format!("must be at most {MAX_AMOUNT}"));
+            return None;
+        }
+        Some(count)
+    }
+
+    /// A cost or price: a number >= 0 with at most 12 decimal places (counted on the value, so
+    /// `0.50` has one) and at most 15 digits before the point.
+    fn money(&mut self, node: &Node, path: &str) -> Option<Decimal> {
+        let amount = self.number(node, path)?;
+        if amount.decimal_places() > MONEY_PLACES {
+            self.report(
+                node.line,
+                path,
+                format!("must have at most {MONEY_PLACES} decimal places"),
+            );
+            return None;
+        }
+        let max_units = u128::from(MAX_AMOUNT) * 10u128.pow(MONEY_PLACES);
+        // `to_units` is None only when the units overflow a u128: far past the maximum too.
+        if amount
+            .to_units(MONEY_PLACES)
+            .is_none_or(|units| units > max_units)
+        {
+            self.report(node.line, path, format!("must be at most {MAX_AMOUNT}"));
+            return None;
+        }
+        Some(amount)
     }
 
     /// A required field of `map` (at `path`, written at `line`): reports it when missing or null.
@@ -1017,12 +1072,16 @@ fn entry(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Entry> {
     };
     let max_input_tokens = integer("max_input_tokens");
     let max_output_tokens = integer("max_output_tokens");
-    let mut number = |field: &str| {
+    let mut money = |field: &str| {
         ctx.required(map, line, path, field)
-            .and_then(|n| ctx.number(n, &join(path, field)))
+            .and_then(|n| ctx.money(n, &join(path, field)))
     };
-    let input_cost_per_token = number("input_cost_per_token");
-    let output_cost_per_token = number("output_cost_per_token");
+    let input_cost_per_token = money("input_cost_per_token");
+    let output_cost_per_token = money("output_cost_per_token");
+    let limits = match get(map, "limits") {
+        Some(n) => limits(ctx, n, &join(path, "limits")),
+        None => Some(None),
+    };
     let fields = EntryFields {
         id: id?,
         provider_name: provider_name?,
@@ -1033,11 +1092,93 @@ fn entry(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Entry> {
         max_output_tokens: max_output_tokens?,
         input_cost_per_token: input_cost_per_token?,
         output_cost_per_token: output_cost_per_token?,
-        limits: None,
+        limits: limits?,
     };
     Entry::new(fields)
         .map_err(|e| ctx.report(line, path, e.to_string()))
         .ok()
+}
+
+/// An entry's `limits` (SPEC §8.1): `Some(None)` for no limits, `None` once a problem is reported.
+///
+/// `limits: null` and `limits: {}` (or a block of nothing but `requests_per_slot: {}`) mean no
+/// limits, exactly as if the block were absent: such an entry is then the same entry (one JSON form,
+/// no RateLimit fields). A field written without a value is refused rather than read as "no limit",
+/// so a forgotten number never lifts a quota in silence; leave the field out instead.
+fn limits(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Option<Limits>> {
+    if node.value == Value::Null {
+        return Some(None);
+    }
+    let map = ctx.map(node, path)?;
+    // Every field is read even after a bad one, so that all problems are reported at once.
+    let before = ctx.problems.len();
+    ctx.reject_unknown(map, path, &LIMIT_FIELDS);
+    let mut count = |field: &str| get(map, field).and_then(|n| ctx.count(n, &join(path, field)));
+    let requests_per_minute = count("requests_per_minute");
+    let requests_per_day = count("requests_per_day");
+    let tokens_per_day = count("tokens_per_day");
+    let requests_per_slot = get(map, "requests_per_slot")
+        .and_then(|n| slot_limit(ctx, n, &join(path, "requests_per_slot")));
+    let mut money = |field: &str| get(map, field).and_then(|n| ctx.money(n, &join(path, field)));
+    let cost_per_day = money("cost_per_day");
+    let cost_per_month = money("cost_per_month");
+    if ctx.problems.len() > before {
+        return None;
+    }
+    let limits = Limits {
+        requests_per_minute,
+        requests_per_slot,
+        requests_per_day,
+        tokens_per_day,
+        cost_per_day,
+        cost_per_month,
+    };
+    Some((limits != Limits::default()).then_some(limits))
+}
+
+/// `requests_per_slot`: one count for every slot, or a mapping of some of T1..T12 to counts (an
+/// empty mapping limits no slot, so it reads as no slot limit). Problems are reported; the caller
+/// tells them apart from "no slot limit" by the problem count.
+fn slot_limit(ctx: &mut Ctx, node: &Node, path: &str) -> Option<SlotLimit> {
+    match &node.value {
+        Value::Map(map) => {
+            let mut slots = [None; SLOTS];
+            for (key, value) in map {
+                let key_path = join(path, key);
+                match slot_number(key) {
+                    Some(slot) => slots[slot - 1] = ctx.count(value, &key_path),
+                    None => ctx.report(
+                        value.line,
+                        &key_path,
+                        format!("unexpected key `{key}` (only T1..T12)"),
+                    ),
+                }
+            }
+            slots
+                .iter()
+                .any(Option::is_some)
+                .then_some(SlotLimit::Some(slots))
+        }
+        Value::Int(_) | Value::Float(_) => ctx.count(node, path).map(SlotLimit::Every),
+        other => {
+            ctx.report(
+                node.line,
+                path,
+                format!(
+                    "expected an integer >= 0 or a mapping of T1..T12 to integers, found {}",
+                    other.kind()
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// The slot a key `T1`..`T12` names (1-based); `T01`, `T0`, `T13` and others name none.
+fn slot_number(key: &str) -> Option<usize> {
+    key.strip_prefix('T')
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| (1..=SLOTS).contains(n) && key == format!("T{n}"))
 }
 
 fn tags(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Vec<String>> {
@@ -1055,11 +1196,7 @@ fn tdl_matrix(ctx: &mut Ctx, node: &Node, path: &str) -> Option<[Vec<Decimal>; S
     let mut slots: [Option<Vec<Decimal>>; SLOTS] = Default::default();
     let mut complete = true;
     for (key, value) in map {
-        let slot = key
-            .strip_prefix('T')
-            .and_then(|n| n.parse::<usize>().ok())
-            .filter(|n| (1..=SLOTS).contains(n) && key == &format!("T{n}"));
-        let Some(slot) = slot else {
+        let Some(slot) = slot_number(key) else {
             ctx.report(
                 value.line,
                 path,
@@ -1152,5 +1289,72 @@ pub fn consumer_record(root: &Node, label: &str) -> Result<Consumer, Vec<Problem
             reason: "not a valid consumer record".into(),
         }]),
         _ => Err(ctx.problems),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::core::limits::SlotLimit;
+    use crate::core::model::SLOTS;
+
+    const MATRIX: &str = "{T1: [0], T2: [0], T3: [0], T4: [0], T5: [0], T6: [0], T7: [0], T8: [0], T9: [0], T10: [0], T11: [0], T12: [0]}";
+
+    /// The one entry of a one-consumer seed whose entry ends with `extra` (inline YAML fields).
+    fn entry_with(extra: &str) -> std::sync::Arc<crate::core::Entry> {
+        let text = format!(
+            "consumers:\n  - username: u\n    plugins:\n      - name: user-metadata\n        config:\n          metadata_list:\n            - {{id: e, provider_name: p, tdl_matrix: {MATRIX}, capabilities: [1], max_input_tokens: 1, max_output_tokens: 1, input_cost_per_token: 5e-08, output_cost_per_token: 0.0000002{extra}}}\n"
+        );
+        let seed = super::super::parse_text(&text, "t.yaml").unwrap();
+        let (consumer, _) = seed.consumers.into_iter().next().unwrap();
+        consumer.metadata.as_ref().unwrap().entries()[0].clone()
+    }
+
+    #[test]
+    fn the_entry_json_carries_the_limits_exactly() {
+        let entry = entry_with(
+            ", limits: {requests_per_minute: 60, requests_per_slot: {T7: 5}, cost_per_day: 0.50}",
+        );
+        assert!(
+            entry.json().ends_with(
+                r#","output_cost_per_token":0.0000002,"limits":{"requests_per_minute":60,"requests_per_slot":{"T7":5},"cost_per_day":0.5}}"#
+            ),
+            "{}",
+            entry.json()
+        );
+        let limits = entry.fields.limits.as_ref().unwrap();
+        let mut slots = [None; SLOTS];
+        slots[6] = Some(5);
+        assert_eq!(limits.requests_per_slot, Some(SlotLimit::Some(slots)));
+        assert_eq!(limits.requests_per_day, None);
+    }
+
+    #[test]
+    fn empty_or_null_limits_are_no_limits() {
+        let plain = entry_with("");
+        assert!(plain.fields.limits.is_none());
+        for extra in [
+            ", limits: {}",
+            ", limits: null",
+            ", limits: {requests_per_slot: {}}",
+        ] {
+            let entry = entry_with(extra);
+            assert!(entry.fields.limits.is_none(), "{extra}");
+            // The same entry as one written without the block, JSON form included.
+            assert_eq!(entry.json(), plain.json(), "{extra}");
+        }
+    }
+
+    #[test]
+    fn the_largest_amounts_are_accepted() {
+        let entry = entry_with(
+            ", limits: {requests_per_day: 999999999999999, cost_per_month: 999999999999999, cost_per_day: 0.000000000001}",
+        );
+        let limits = entry.fields.limits.as_ref().unwrap();
+        assert_eq!(limits.requests_per_day, Some(999_999_999_999_999));
+        assert_eq!(
+            limits.cost_per_month.unwrap().to_units(12),
+            Some(999_999_999_999_999_000_000_000_000)
+        );
+        assert_eq!(limits.cost_per_day.unwrap().to_units(12), Some(1));
     }
 }

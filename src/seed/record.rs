@@ -82,6 +82,39 @@ mod tests {
     }
 
     #[test]
+    fn a_record_keeps_its_limits() {
+        let text = r#"{"username":"op-made","metadata_list":[{"id":"e","provider_name":"p",
+            "tdl_matrix":{"T1":[0],"T2":[0],"T3":[0],"T4":[0],"T5":[0],"T6":[0],"T7":[0],"T8":[0],
+            "T9":[0],"T10":[0],"T11":[0],"T12":[0]},"capabilities":[1],"max_input_tokens":1,
+            "max_output_tokens":1,"input_cost_per_token":5e-08,"output_cost_per_token":0,
+            "limits":{"requests_per_minute":60,"requests_per_slot":{"T1":3,"T12":0},
+            "requests_per_day":1000,"tokens_per_day":2000000,"cost_per_day":0.000000000001,
+            "cost_per_month":100}}]}"#;
+        let original = from_json(text, "k").unwrap();
+        let limits = |c: &Consumer| {
+            c.metadata.as_ref().unwrap().entries()[0]
+                .fields
+                .limits
+                .clone()
+        };
+        let written = limits(&original).unwrap();
+        assert_eq!(written.requests_per_slot.as_ref().unwrap().of(12), Some(0));
+        assert_eq!(written.cost_per_day.unwrap().to_units(12), Some(1));
+        let back = from_json(&to_json(&original), "k").unwrap();
+        assert_eq!(limits(&back), Some(written));
+        // A record is held to the seed's rules: 13 decimal places are refused here too.
+        let finer = text.replace("0.000000000001", "0.0000000000001");
+        let problems = from_json(&finer, "k").unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.path == "metadata_list[0].limits.cost_per_day"
+                    && p.reason == "must have at most 12 decimal places"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
     fn minimal_and_invalid_records() {
         let c = from_json(r#"{"username":"op-made"}"#, "k").unwrap();
         assert!(c.metadata.is_none() && c.groups.is_empty());

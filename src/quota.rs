@@ -44,6 +44,8 @@ const IDLE_RELEASE: Duration = Duration::from_secs(1);
 const EXHAUSTED_RECHECK: Duration = Duration::from_secs(1);
 /// Longest wait for another call's lease to come back.
 const LEASE_WAIT: Duration = Duration::from_millis(250);
+/// Past this a call that still has no decision is answered "cannot decide" (503).
+const DECIDE_WITHIN: Duration = Duration::from_secs(2);
 /// How often idle leases are returned and ended windows forgotten.
 const UPKEEP_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -181,6 +183,8 @@ struct EntryQuota {
 #[derive(Default)]
 struct State {
     entries: HashMap<EntryKey, EntryQuota>,
+    /// Bumped each time leases come back, so a waiter that missed the wake-up does not wait.
+    generation: u64,
 }
 
 /// Where leases come from.
@@ -274,7 +278,10 @@ impl Quotas {
         entry: &Arc<str>,
         limits: &Limits,
     ) -> Result<RateLimitFields, Refusal> {
-        for _ in 0..4 {
+        // Each turn either decides or waits for a lease that is on its way (the store's timeout
+        // and breaker bound each); under contention others are being served meanwhile.
+        let deadline = tokio::time::Instant::now() + DECIDE_WITHIN;
+        while tokio::time::Instant::now() < deadline {
             match self.try_take(consumer, entry, limits) {
                 Attempt::Done(result, prefetch) => {
                     if !prefetch.is_empty() {
@@ -285,8 +292,13 @@ impl Quotas {
                     return result;
                 }
                 Attempt::Send(requests) => self.send(requests).await,
-                Attempt::Wait => {
-                    let _ = tokio::time::timeout(LEASE_WAIT, self.lease_done.notified()).await;
+                Attempt::Wait(generation) => {
+                    let notified = self.lease_done.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    if self.lock().generation == generation {
+                        let _ = tokio::time::timeout(LEASE_WAIT, notified).await;
+                    }
                 }
             }
         }
@@ -298,6 +310,7 @@ impl Quotas {
         let now = self.clock.now();
         let windows = request_windows(limits, now, &self.zone);
         let mut state = self.lock();
+        let generation = state.generation;
         let lookup = EntryKeyRef { consumer, entry };
         let quota = match state.entries.get_mut(&lookup) {
             Some(quota) => quota,
@@ -344,7 +357,7 @@ impl Quotas {
                 consumer: consumer.clone(),
                 entry: entry.clone(),
             };
-            return self.lease_for(quota, &verdicts, key, now);
+            return self.lease_for(generation, quota, &verdicts, key, now);
         }
         // Every window allows: take one call from each.
         let mut prefetch = Vec::new();
@@ -364,6 +377,7 @@ impl Quotas {
     /// The leases the windows that lack quota need; if one is already on its way, wait for it.
     fn lease_for(
         &self,
+        generation: u64,
         quota: &mut EntryQuota,
         verdicts: &[Option<(Verdict, Mode)>; 3],
         key: EntryKey,
@@ -375,7 +389,7 @@ impl Quotas {
                 continue;
             };
             if w.busy {
-                return Attempt::Wait;
+                return Attempt::Wait(generation);
             }
             w.busy = true;
             requests.push(self.lease_request(w, i, &key, now));
@@ -471,6 +485,7 @@ impl Quotas {
             w.busy = false;
             record(w, &request.kind, reply, &request.redis_key, now);
         }
+        state.generation += 1;
         drop(state);
         self.lease_done.notify_waiters();
     }
@@ -529,7 +544,8 @@ enum Attempt {
     /// Decided; with leases to take ahead of need.
     Done(Result<RateLimitFields, Refusal>, Vec<Request>),
     Send(Vec<Request>),
-    Wait,
+    /// A lease for this entry is on its way; the generation seen when it was.
+    Wait(u64),
 }
 
 /// Applies a lease's or a sync's answer to the window it was for.

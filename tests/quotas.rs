@@ -309,6 +309,11 @@ fn on_redis_down_local_keeps_enforcing_with_what_it_knew() {
     redis.restart();
     std::thread::sleep(Duration::from_millis(1_500));
     assert_eq!(call(&service, "lk").status, 429);
+    // Every allowed call, before and during the outage, is counted exactly once.
+    assert!(redis.wait_for(Duration::from_secs(5), |r| {
+        let keys = r.cli(&["KEYS", "uma:tdl:{limited}:e:*"]);
+        keys.lines().map(|k| r.counter_total(k)).sum::<u64>() == 40
+    }));
 }
 
 #[test]

@@ -352,3 +352,28 @@ fn wait_disconnected(service: &Service) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn leases_cost_at_most_a_fiftieth_of_a_round_trip_per_call() {
+    away_from_midnight();
+    let redis = Redis::start();
+    let service = redis_service(&redis, "{requests_per_day: 1000}", &[]);
+    // 900 calls: more than 10% of the limit remains throughout (SPEC §8.1 accuracy bullet 3).
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                for _ in 0..225 {
+                    assert_eq!(call(&service, "lk").status, 200);
+                }
+            });
+        }
+    });
+    let metrics = service.get("/metrics", &[]).body;
+    let trips: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("uma_quota_round_trips_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(trips <= 18.0, "{trips} round trips for 900 calls");
+    assert!(trips >= 1.0);
+}

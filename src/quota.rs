@@ -152,13 +152,11 @@ impl WindowQuota {
     /// What remains for the RateLimit field: exact on one replica; with several it counts the
     /// others' unused leases as used (it can only err on the low side).
     fn remaining(&self, mode: Mode) -> u64 {
-        let others = self.total.saturating_sub(self.held);
-        let overall = self.limit.saturating_sub(self.used.max(self.held) + others)
-            + self.held.saturating_sub(self.used);
-        match mode {
-            Mode::Local => self.limit.saturating_sub(self.used),
-            _ => overall.min(self.limit.saturating_sub(self.used)),
-        }
+        let others = match mode {
+            Mode::Local => 0,
+            _ => self.total.saturating_sub(self.held),
+        };
+        self.limit.saturating_sub(self.used + others)
     }
 
     fn verdict(&self, mode: Mode, now: Timestamp) -> Verdict {

@@ -157,6 +157,61 @@ fn duration_ms(text: &str) -> f64 {
     seconds * 1000.0
 }
 
+const RATE_LIMITED: &str = "API rate limit exceeded";
+
+/// `capped` (key `capped-key`), whose only entry `capped-entry` allows three calls a day, and
+/// `free` (key `free-key`), whose entry has no limits.
+fn limited_seed() -> String {
+    let capped = metadata_plugin(&[("capped-entry", "p1")]).replace(
+        "              input_cost_per_token:",
+        "              limits: {requests_per_day: 3}\n              input_cost_per_token:",
+    );
+    assert!(capped.contains("requests_per_day"));
+    format!(
+        "consumers:\n  - username: capped\n    keyauth_credentials: [{{key: capped-key}}]\n{capped}  - username: free\n    keyauth_credentials: [{{key: free-key}}]\n{}",
+        metadata_plugin(&[("free-entry", "p2")])
+    )
+}
+
+/// Tests that count a whole UTC day (the default `tdl.timezone`) must not straddle its end.
+fn away_from_midnight() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let left = 86_400 - now % 86_400;
+    if left < 90 {
+        std::thread::sleep(std::time::Duration::from_secs(left + 1));
+    }
+}
+
+/// `r` of the `day` member of a RateLimit field (`"day";r=2;t=4711`).
+fn day_remaining(field: &str) -> u64 {
+    field
+        .strip_prefix("\"day\";r=")
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("not a day RateLimit: {field}"))
+}
+
+/// The service's 429 for `capped` once its quota is used: the status, body and headers a gateway
+/// that passes denials on gives the client.
+fn assert_rate_limited(r: &Response) {
+    assert_denied(r, 429, RATE_LIMITED);
+    assert_eq!(r.header("cache-control"), Some("no-store"), "{r:?}");
+    let retry_after: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("Retry-After must be an integer: {r:?}"));
+    assert!((1..=86_400).contains(&retry_after), "{r:?}");
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some(r#""day";q=3;w=86400"#),
+        "{r:?}"
+    );
+    assert_eq!(day_remaining(r.header("ratelimit").expect("RateLimit")), 0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Traefik forwardAuth
 // ---------------------------------------------------------------------------------------------
@@ -403,7 +458,23 @@ struct Envoy {
     path_prefix: String,
     /// `allowed_headers` exact patterns (lower-case), plus `authorization`, always sent.
     allowed: BTreeSet<String>,
+    /// `allowed_upstream_headers`: copied from a 200 onto the upstream request.
+    upstream: BTreeSet<String>,
+    /// `allowed_client_headers`: kept on a denial's answer to the client.
+    client_on_deny: BTreeSet<String>,
+    /// `allowed_client_headers_on_success`: added from a 200 to the client's response.
+    client_on_success: BTreeSet<String>,
 }
+
+/// Headers ext_authz keeps on a denial's answer to the client whatever `allowed_client_headers`
+/// lists (ext_authz.proto: Path, Status, Content-Length, WWWAuthenticate and Location).
+const ENVOY_DENY_ALWAYS: [&str; 5] = [
+    ":path",
+    ":status",
+    "content-length",
+    "www-authenticate",
+    "location",
+];
 
 fn http_connection_manager(doc: &Value) -> &Value {
     for listener in array(&doc["static_resources"]["listeners"]) {
@@ -456,12 +527,39 @@ impl Envoy {
         let service = &ext_authz["http_service"];
         let mut allowed = exact_patterns(&service["authorization_request"]["allowed_headers"]);
         allowed.insert("authorization".to_owned());
+        let response = &service["authorization_response"];
         Envoy {
             path_prefix: service["path_prefix"]
                 .as_str()
                 .expect("path_prefix")
                 .to_owned(),
             allowed,
+            upstream: exact_patterns(&response["allowed_upstream_headers"]),
+            client_on_deny: exact_patterns(&response["allowed_client_headers"]),
+            client_on_success: exact_patterns(&response["allowed_client_headers_on_success"]),
+        }
+    }
+
+    /// What of the service's answer reaches the client: on a 200, the headers Envoy adds to the
+    /// client's response (the body is the upstream's); on a denial, the status, the body and the
+    /// headers Envoy keeps.
+    fn to_client(&self, r: &Response) -> Response {
+        let keep = |name: &str| {
+            let name = name.to_ascii_lowercase();
+            if r.status == 200 {
+                self.client_on_success.contains(&name)
+            } else {
+                self.client_on_deny.contains(&name) || ENVOY_DENY_ALWAYS.contains(&name.as_str())
+            }
+        };
+        Response {
+            status: r.status,
+            headers: r.headers.iter().filter(|(k, _)| keep(k)).cloned().collect(),
+            body: if r.status == 200 {
+                String::new()
+            } else {
+                r.body.clone()
+            },
         }
     }
 
@@ -605,6 +703,50 @@ fn envoy_shape_no_key_is_401_with_www_authenticate() {
     let uri = format!("/midm-base/chat?apikey={USER1_KEY}");
     let r = envoy.send(&service, &ClientCall::post(&uri, &[]));
     assert_user1_midm(&r);
+}
+
+#[test]
+fn envoy_shape_ratelimit_fields_reach_the_client_on_200_and_on_429() {
+    away_from_midnight();
+    let service = Service::with_files("", &limited_seed());
+    let envoy = Envoy::load();
+    let call = ClientCall::post("/v1/chat?stream=true", &[("apikey", "capped-key")]);
+    let fields = lower(&["RateLimit-Policy", "RateLimit"]);
+    for left in (0..3).rev() {
+        let r = envoy.send(&service, &call);
+        assert_allowed(&r);
+        // allowed_client_headers_on_success puts exactly the two fields on the client's response...
+        let client = envoy.to_client(&r);
+        let names: BTreeSet<String> = client
+            .headers
+            .iter()
+            .map(|(k, _)| k.to_ascii_lowercase())
+            .collect();
+        assert_eq!(names, fields, "{r:?}");
+        assert_eq!(
+            client.header("ratelimit-policy"),
+            Some(r#""day";q=3;w=86400"#)
+        );
+        assert_eq!(
+            day_remaining(client.header("ratelimit").expect("RateLimit")),
+            left
+        );
+        // ...and allowed_upstream_headers keeps them from the upstream request.
+        assert!(envoy.upstream.is_disjoint(&fields));
+        assert!(!envoy.upstream.contains("retry-after"));
+    }
+    // The 429: status, JSON body, Retry-After and both fields reach the client.
+    let r = envoy.send(&service, &call);
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_rate_limited(&envoy.to_client(&r));
+    // An entry without limits: nothing is added to the client's response.
+    let r = envoy.send(
+        &service,
+        &ClientCall::post("/v1/chat", &[("apikey", "free-key")]),
+    );
+    assert_allowed(&r);
+    assert_eq!(r.header("x-consumer-id"), Some("free-entry"));
+    assert!(envoy.to_client(&r).headers.is_empty(), "{r:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1402,9 +1544,20 @@ fn envoy_config_authorizes_every_llm_route_and_fails_closed() {
         exact_patterns(&response["allowed_upstream_headers"]),
         lower(&METADATA_HEADERS)
     );
-    assert!(
-        exact_patterns(&response["allowed_client_headers"]).contains("www-authenticate"),
-        "401 answers keep WWW-Authenticate"
+    let on_deny = exact_patterns(&response["allowed_client_headers"]);
+    // 401 answers keep WWW-Authenticate, 429 and 503 Retry-After, 429 the RateLimit fields.
+    for name in [
+        "www-authenticate",
+        "retry-after",
+        "ratelimit-policy",
+        "ratelimit",
+    ] {
+        assert!(on_deny.contains(name), "a denial drops {name}");
+    }
+    // On a 200 only the RateLimit fields go to the client (SPEC §8.1), never a metadata header.
+    assert_eq!(
+        exact_patterns(&response["allowed_client_headers_on_success"]),
+        lower(&["ratelimit-policy", "ratelimit"])
     );
 
     // The auth cluster is the service on 127.0.0.1:8089.

@@ -449,6 +449,42 @@ fn traefik_shape_client_metadata_id_is_stripped_before_it_could_choose_the_entry
     assert_user1_midm(&r);
 }
 
+#[test]
+fn traefik_shape_429_goes_back_with_retry_after_and_the_ratelimit_fields() {
+    away_from_midnight();
+    let service = Service::with_files("", &limited_seed());
+    let traefik = Traefik::load();
+    let call = ClientCall::post("/v1/chat", &[("apikey", "capped-key")]);
+    for left in (0..3).rev() {
+        let r = traefik.send(&service, &call);
+        assert_allowed(&r);
+        assert_eq!(r.header("x-consumer-id"), Some("capped-entry"));
+        // The 200 has the fields, but Traefik copies only authResponseHeaders, onto the upstream
+        // request, and adds nothing of a 2xx answer to the client's response.
+        assert_eq!(
+            r.header("ratelimit-policy"),
+            Some(r#""day";q=3;w=86400"#),
+            "{r:?}"
+        );
+        assert_eq!(
+            day_remaining(r.header("ratelimit").expect("RateLimit")),
+            left
+        );
+    }
+    // Any other answer goes back to the client as it is: status, body and every header.
+    assert_rate_limited(&traefik.send(&service, &call));
+    // The RateLimit fields are not upstream headers: authResponseHeaders does not name them.
+    let doc = yaml("traefik/dynamic.yml");
+    let copied =
+        strings(&doc["http"]["middlewares"]["uma-auth"]["forwardAuth"]["authResponseHeaders"]);
+    for name in ["RateLimit", "RateLimit-Policy", "Retry-After"] {
+        assert!(
+            !copied.iter().any(|h| h.eq_ignore_ascii_case(name)),
+            "{name} would go upstream"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Envoy ext_authz (HTTP service)
 // ---------------------------------------------------------------------------------------------

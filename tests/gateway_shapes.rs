@@ -868,13 +868,15 @@ fn lua_pairs(pairs: &[(String, String)]) -> String {
     format!("{{{}}}", items.join(", "))
 }
 
-/// Runs the plugin's access phase under lua5.1 with Kong's PDK, `ngx` and `resty.http` mocked,
+/// Runs the plugin's access phase, then its header_filter phase (Kong runs it on every response),
+/// under lua5.1 with Kong's PDK, `ngx` and `resty.http` mocked,
 /// and the plugin's schema defaults as its configuration (plus `conf`, Lua table fields).
 const LUA_HARNESS: &str = r##"
 local PLUGIN_DIR = __PLUGIN_DIR__
 local CLIENT = __CLIENT__
 local RESPONSE = __RESPONSE__
 local CONF = __CONF__
+PHASE = "init"
 
 local function emit(...)
   local parts = {}
@@ -1009,7 +1011,13 @@ kong = {
       end,
     },
   },
+  ctx = { plugin = {} },
   response = {
+    set_header = function(name, value)
+      assert(PHASE == "rewrite" or PHASE == "access" or PHASE == "header_filter",
+        "kong.response.set_header in phase " .. PHASE)
+      emit("CLIENT_SET", name, value)
+    end,
     exit = function(status, body, headers)
       emit("EXIT", status)
       emit_headers("EXIT_HEADER", headers or {})
@@ -1037,8 +1045,15 @@ for k, v in pairs(CONF) do conf[k] = v end
 
 local handler = dofile(PLUGIN_DIR .. "/handler.lua")
 emit("PRIORITY", handler.PRIORITY)
+PHASE = "access"
 local result = handler:access(conf)
 emit("RESULT", tostring(result))
+-- Kong runs header_filter on every response, the plugin's own exits included.
+if handler.header_filter then
+  PHASE = "header_filter"
+  emit("PHASE", PHASE)
+  handler:header_filter(conf)
+end
 "##;
 
 /// What the plugin did, one tab-separated line per action.
@@ -1245,6 +1260,12 @@ fn kong_plugin_round_trip_against_the_service() {
         );
     }
     assert!(allowed.values("UPSTREAM_QUERY").is_empty());
+    // user1's entry has no limits: nothing is added to the client's response.
+    assert!(
+        allowed.tagged("CLIENT_SET").is_empty(),
+        "{}",
+        allowed.dump()
+    );
 
     // 2. Refused by the ACL: the service's status, body and headers go to the client.
     let call = KongCall {
@@ -1365,6 +1386,98 @@ fn kong_plugin_round_trip_against_the_service() {
     let run = run_plugin(&service, &call, Some(&odd));
     assert_eq!(run.exit(), Some(503), "{}", run.dump());
     assert!(run.values("UPSTREAM_SET").is_empty());
+}
+
+#[test]
+fn kong_plugin_relays_the_ratelimit_fields_to_the_client() {
+    away_from_midnight();
+    let service = Service::with_files_env(
+        "",
+        &limited_seed(),
+        &[("UMA_AUTH__ORIGINAL_REQUEST", "original")],
+    );
+    let call = KongCall {
+        method: "POST",
+        uri: "/v1/chat",
+        headers: &[("apikey", "capped-key")],
+        conf: "",
+    };
+    for left in (0..3).rev() {
+        let (_, answer, allowed) = kong_round_trip(&service, &call);
+        assert_allowed(&answer);
+        assert_eq!(allowed.exit(), None, "{}", allowed.dump());
+        // Both fields are set on the client's response, in header_filter, as the service sent them...
+        let set = allowed.pairs("CLIENT_SET");
+        let mut names: Vec<&str> = set.iter().map(|(k, _)| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["RateLimit", "RateLimit-Policy"],
+            "{}",
+            allowed.dump()
+        );
+        for (name, value) in &set {
+            assert_eq!(answer.header(name), Some(value.as_str()), "{name}");
+            assert!(
+                allowed.position("PHASE", "header_filter") < allowed.position("CLIENT_SET", name),
+                "{name} must be set in header_filter: {}",
+                allowed.dump()
+            );
+        }
+        assert_eq!(
+            day_remaining(answer.header("ratelimit").expect("RateLimit")),
+            left
+        );
+        // ...and never on the upstream request.
+        let upstream = allowed.pairs("UPSTREAM_SET");
+        assert_eq!(upstream.len(), 12, "{}", allowed.dump());
+        assert!(
+            !upstream
+                .iter()
+                .any(|(k, _)| k.to_ascii_lowercase().starts_with("ratelimit")),
+            "{}",
+            allowed.dump()
+        );
+    }
+    // The 4th call: the service's 429 goes to the client with its body, Retry-After and fields.
+    let (_, answer, refused) = kong_round_trip(&service, &call);
+    assert_rate_limited(&answer);
+    assert_eq!(refused.exit(), Some(429), "{}", refused.dump());
+    assert_eq!(refused.values("EXIT_BODY"), [answer.body.as_str()]);
+    let exit_headers = refused.pairs("EXIT_HEADER");
+    for name in [
+        "Retry-After",
+        "RateLimit-Policy",
+        "RateLimit",
+        "Content-Type",
+        "Cache-Control",
+    ] {
+        let sent = exit_headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str());
+        assert!(sent.is_some(), "{name} missing: {}", refused.dump());
+        assert_eq!(sent, answer.header(name), "{name}");
+    }
+    assert!(
+        refused.tagged("CLIENT_SET").is_empty(),
+        "{}",
+        refused.dump()
+    );
+    assert!(refused.values("UPSTREAM_SET").is_empty());
+    // An entry without limits: nothing is added to the client's response.
+    let call = KongCall {
+        headers: &[("apikey", "free-key")],
+        ..call
+    };
+    let (_, answer, allowed) = kong_round_trip(&service, &call);
+    assert_allowed(&answer);
+    assert_eq!(answer.header("ratelimit"), None);
+    assert!(
+        allowed.tagged("CLIENT_SET").is_empty(),
+        "{}",
+        allowed.dump()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -157,6 +157,61 @@ fn duration_ms(text: &str) -> f64 {
     seconds * 1000.0
 }
 
+const RATE_LIMITED: &str = "API rate limit exceeded";
+
+/// `capped` (key `capped-key`), whose only entry `capped-entry` allows three calls a day, and
+/// `free` (key `free-key`), whose entry has no limits.
+fn limited_seed() -> String {
+    let capped = metadata_plugin(&[("capped-entry", "p1")]).replace(
+        "              input_cost_per_token:",
+        "              limits: {requests_per_day: 3}\n              input_cost_per_token:",
+    );
+    assert!(capped.contains("requests_per_day"));
+    format!(
+        "consumers:\n  - username: capped\n    keyauth_credentials: [{{key: capped-key}}]\n{capped}  - username: free\n    keyauth_credentials: [{{key: free-key}}]\n{}",
+        metadata_plugin(&[("free-entry", "p2")])
+    )
+}
+
+/// Tests that count a whole UTC day (the default `tdl.timezone`) must not straddle its end.
+fn away_from_midnight() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let left = 86_400 - now % 86_400;
+    if left < 90 {
+        std::thread::sleep(std::time::Duration::from_secs(left + 1));
+    }
+}
+
+/// `r` of the `day` member of a RateLimit field (`"day";r=2;t=4711`).
+fn day_remaining(field: &str) -> u64 {
+    field
+        .strip_prefix("\"day\";r=")
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("not a day RateLimit: {field}"))
+}
+
+/// The service's 429 for `capped` once its quota is used: the status, body and headers a gateway
+/// that passes denials on gives the client.
+fn assert_rate_limited(r: &Response) {
+    assert_denied(r, 429, RATE_LIMITED);
+    assert_eq!(r.header("cache-control"), Some("no-store"), "{r:?}");
+    let retry_after: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("Retry-After must be an integer: {r:?}"));
+    assert!((1..=86_400).contains(&retry_after), "{r:?}");
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some(r#""day";q=3;w=86400"#),
+        "{r:?}"
+    );
+    assert_eq!(day_remaining(r.header("ratelimit").expect("RateLimit")), 0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Traefik forwardAuth
 // ---------------------------------------------------------------------------------------------
@@ -394,6 +449,42 @@ fn traefik_shape_client_metadata_id_is_stripped_before_it_could_choose_the_entry
     assert_user1_midm(&r);
 }
 
+#[test]
+fn traefik_shape_429_goes_back_with_retry_after_and_the_ratelimit_fields() {
+    away_from_midnight();
+    let service = Service::with_files("", &limited_seed());
+    let traefik = Traefik::load();
+    let call = ClientCall::post("/v1/chat", &[("apikey", "capped-key")]);
+    for left in (0..3).rev() {
+        let r = traefik.send(&service, &call);
+        assert_allowed(&r);
+        assert_eq!(r.header("x-consumer-id"), Some("capped-entry"));
+        // The 200 has the fields, but Traefik copies only authResponseHeaders, onto the upstream
+        // request, and adds nothing of a 2xx answer to the client's response.
+        assert_eq!(
+            r.header("ratelimit-policy"),
+            Some(r#""day";q=3;w=86400"#),
+            "{r:?}"
+        );
+        assert_eq!(
+            day_remaining(r.header("ratelimit").expect("RateLimit")),
+            left
+        );
+    }
+    // Any other answer goes back to the client as it is: status, body and every header.
+    assert_rate_limited(&traefik.send(&service, &call));
+    // The RateLimit fields are not upstream headers: authResponseHeaders does not name them.
+    let doc = yaml("traefik/dynamic.yml");
+    let copied =
+        strings(&doc["http"]["middlewares"]["uma-auth"]["forwardAuth"]["authResponseHeaders"]);
+    for name in ["RateLimit", "RateLimit-Policy", "Retry-After"] {
+        assert!(
+            !copied.iter().any(|h| h.eq_ignore_ascii_case(name)),
+            "{name} would go upstream"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Envoy ext_authz (HTTP service)
 // ---------------------------------------------------------------------------------------------
@@ -403,7 +494,23 @@ struct Envoy {
     path_prefix: String,
     /// `allowed_headers` exact patterns (lower-case), plus `authorization`, always sent.
     allowed: BTreeSet<String>,
+    /// `allowed_upstream_headers`: copied from a 200 onto the upstream request.
+    upstream: BTreeSet<String>,
+    /// `allowed_client_headers`: kept on a denial's answer to the client.
+    client_on_deny: BTreeSet<String>,
+    /// `allowed_client_headers_on_success`: added from a 200 to the client's response.
+    client_on_success: BTreeSet<String>,
 }
+
+/// Headers ext_authz keeps on a denial's answer to the client whatever `allowed_client_headers`
+/// lists (ext_authz.proto: Path, Status, Content-Length, WWWAuthenticate and Location).
+const ENVOY_DENY_ALWAYS: [&str; 5] = [
+    ":path",
+    ":status",
+    "content-length",
+    "www-authenticate",
+    "location",
+];
 
 fn http_connection_manager(doc: &Value) -> &Value {
     for listener in array(&doc["static_resources"]["listeners"]) {
@@ -456,12 +563,39 @@ impl Envoy {
         let service = &ext_authz["http_service"];
         let mut allowed = exact_patterns(&service["authorization_request"]["allowed_headers"]);
         allowed.insert("authorization".to_owned());
+        let response = &service["authorization_response"];
         Envoy {
             path_prefix: service["path_prefix"]
                 .as_str()
                 .expect("path_prefix")
                 .to_owned(),
             allowed,
+            upstream: exact_patterns(&response["allowed_upstream_headers"]),
+            client_on_deny: exact_patterns(&response["allowed_client_headers"]),
+            client_on_success: exact_patterns(&response["allowed_client_headers_on_success"]),
+        }
+    }
+
+    /// What of the service's answer reaches the client: on a 200, the headers Envoy adds to the
+    /// client's response (the body is the upstream's); on a denial, the status, the body and the
+    /// headers Envoy keeps.
+    fn to_client(&self, r: &Response) -> Response {
+        let keep = |name: &str| {
+            let name = name.to_ascii_lowercase();
+            if r.status == 200 {
+                self.client_on_success.contains(&name)
+            } else {
+                self.client_on_deny.contains(&name) || ENVOY_DENY_ALWAYS.contains(&name.as_str())
+            }
+        };
+        Response {
+            status: r.status,
+            headers: r.headers.iter().filter(|(k, _)| keep(k)).cloned().collect(),
+            body: if r.status == 200 {
+                String::new()
+            } else {
+                r.body.clone()
+            },
         }
     }
 
@@ -607,6 +741,50 @@ fn envoy_shape_no_key_is_401_with_www_authenticate() {
     assert_user1_midm(&r);
 }
 
+#[test]
+fn envoy_shape_ratelimit_fields_reach_the_client_on_200_and_on_429() {
+    away_from_midnight();
+    let service = Service::with_files("", &limited_seed());
+    let envoy = Envoy::load();
+    let call = ClientCall::post("/v1/chat?stream=true", &[("apikey", "capped-key")]);
+    let fields = lower(&["RateLimit-Policy", "RateLimit"]);
+    for left in (0..3).rev() {
+        let r = envoy.send(&service, &call);
+        assert_allowed(&r);
+        // allowed_client_headers_on_success puts exactly the two fields on the client's response...
+        let client = envoy.to_client(&r);
+        let names: BTreeSet<String> = client
+            .headers
+            .iter()
+            .map(|(k, _)| k.to_ascii_lowercase())
+            .collect();
+        assert_eq!(names, fields, "{r:?}");
+        assert_eq!(
+            client.header("ratelimit-policy"),
+            Some(r#""day";q=3;w=86400"#)
+        );
+        assert_eq!(
+            day_remaining(client.header("ratelimit").expect("RateLimit")),
+            left
+        );
+        // ...and allowed_upstream_headers keeps them from the upstream request.
+        assert!(envoy.upstream.is_disjoint(&fields));
+        assert!(!envoy.upstream.contains("retry-after"));
+    }
+    // The 429: status, JSON body, Retry-After and both fields reach the client.
+    let r = envoy.send(&service, &call);
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_rate_limited(&envoy.to_client(&r));
+    // An entry without limits: nothing is added to the client's response.
+    let r = envoy.send(
+        &service,
+        &ClientCall::post("/v1/chat", &[("apikey", "free-key")]),
+    );
+    assert_allowed(&r);
+    assert_eq!(r.header("x-consumer-id"), Some("free-entry"));
+    assert!(envoy.to_client(&r).headers.is_empty(), "{r:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kong uma-forward-auth plugin
 // ---------------------------------------------------------------------------------------------
@@ -690,13 +868,15 @@ fn lua_pairs(pairs: &[(String, String)]) -> String {
     format!("{{{}}}", items.join(", "))
 }
 
-/// Runs the plugin's access phase under lua5.1 with Kong's PDK, `ngx` and `resty.http` mocked,
+/// Runs the plugin's access phase, then its header_filter phase (Kong runs it on every response),
+/// under lua5.1 with Kong's PDK, `ngx` and `resty.http` mocked,
 /// and the plugin's schema defaults as its configuration (plus `conf`, Lua table fields).
 const LUA_HARNESS: &str = r##"
 local PLUGIN_DIR = __PLUGIN_DIR__
 local CLIENT = __CLIENT__
 local RESPONSE = __RESPONSE__
 local CONF = __CONF__
+PHASE = "init"
 
 local function emit(...)
   local parts = {}
@@ -831,7 +1011,13 @@ kong = {
       end,
     },
   },
+  ctx = { plugin = {} },
   response = {
+    set_header = function(name, value)
+      assert(PHASE == "rewrite" or PHASE == "access" or PHASE == "header_filter",
+        "kong.response.set_header in phase " .. PHASE)
+      emit("CLIENT_SET", name, value)
+    end,
     exit = function(status, body, headers)
       emit("EXIT", status)
       emit_headers("EXIT_HEADER", headers or {})
@@ -859,8 +1045,15 @@ for k, v in pairs(CONF) do conf[k] = v end
 
 local handler = dofile(PLUGIN_DIR .. "/handler.lua")
 emit("PRIORITY", handler.PRIORITY)
+PHASE = "access"
 local result = handler:access(conf)
 emit("RESULT", tostring(result))
+-- Kong runs header_filter on every response, the plugin's own exits included.
+if handler.header_filter then
+  PHASE = "header_filter"
+  emit("PHASE", PHASE)
+  handler:header_filter(conf)
+end
 "##;
 
 /// What the plugin did, one tab-separated line per action.
@@ -1067,6 +1260,12 @@ fn kong_plugin_round_trip_against_the_service() {
         );
     }
     assert!(allowed.values("UPSTREAM_QUERY").is_empty());
+    // user1's entry has no limits: nothing is added to the client's response.
+    assert!(
+        allowed.tagged("CLIENT_SET").is_empty(),
+        "{}",
+        allowed.dump()
+    );
 
     // 2. Refused by the ACL: the service's status, body and headers go to the client.
     let call = KongCall {
@@ -1187,6 +1386,98 @@ fn kong_plugin_round_trip_against_the_service() {
     let run = run_plugin(&service, &call, Some(&odd));
     assert_eq!(run.exit(), Some(503), "{}", run.dump());
     assert!(run.values("UPSTREAM_SET").is_empty());
+}
+
+#[test]
+fn kong_plugin_relays_the_ratelimit_fields_to_the_client() {
+    away_from_midnight();
+    let service = Service::with_files_env(
+        "",
+        &limited_seed(),
+        &[("UMA_AUTH__ORIGINAL_REQUEST", "original")],
+    );
+    let call = KongCall {
+        method: "POST",
+        uri: "/v1/chat",
+        headers: &[("apikey", "capped-key")],
+        conf: "",
+    };
+    for left in (0..3).rev() {
+        let (_, answer, allowed) = kong_round_trip(&service, &call);
+        assert_allowed(&answer);
+        assert_eq!(allowed.exit(), None, "{}", allowed.dump());
+        // Both fields are set on the client's response, in header_filter, as the service sent them...
+        let set = allowed.pairs("CLIENT_SET");
+        let mut names: Vec<&str> = set.iter().map(|(k, _)| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["RateLimit", "RateLimit-Policy"],
+            "{}",
+            allowed.dump()
+        );
+        for (name, value) in &set {
+            assert_eq!(answer.header(name), Some(value.as_str()), "{name}");
+            assert!(
+                allowed.position("PHASE", "header_filter") < allowed.position("CLIENT_SET", name),
+                "{name} must be set in header_filter: {}",
+                allowed.dump()
+            );
+        }
+        assert_eq!(
+            day_remaining(answer.header("ratelimit").expect("RateLimit")),
+            left
+        );
+        // ...and never on the upstream request.
+        let upstream = allowed.pairs("UPSTREAM_SET");
+        assert_eq!(upstream.len(), 12, "{}", allowed.dump());
+        assert!(
+            !upstream
+                .iter()
+                .any(|(k, _)| k.to_ascii_lowercase().starts_with("ratelimit")),
+            "{}",
+            allowed.dump()
+        );
+    }
+    // The 4th call: the service's 429 goes to the client with its body, Retry-After and fields.
+    let (_, answer, refused) = kong_round_trip(&service, &call);
+    assert_rate_limited(&answer);
+    assert_eq!(refused.exit(), Some(429), "{}", refused.dump());
+    assert_eq!(refused.values("EXIT_BODY"), [answer.body.as_str()]);
+    let exit_headers = refused.pairs("EXIT_HEADER");
+    for name in [
+        "Retry-After",
+        "RateLimit-Policy",
+        "RateLimit",
+        "Content-Type",
+        "Cache-Control",
+    ] {
+        let sent = exit_headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str());
+        assert!(sent.is_some(), "{name} missing: {}", refused.dump());
+        assert_eq!(sent, answer.header(name), "{name}");
+    }
+    assert!(
+        refused.tagged("CLIENT_SET").is_empty(),
+        "{}",
+        refused.dump()
+    );
+    assert!(refused.values("UPSTREAM_SET").is_empty());
+    // An entry without limits: nothing is added to the client's response.
+    let call = KongCall {
+        headers: &[("apikey", "free-key")],
+        ..call
+    };
+    let (_, answer, allowed) = kong_round_trip(&service, &call);
+    assert_allowed(&answer);
+    assert_eq!(answer.header("ratelimit"), None);
+    assert!(
+        allowed.tagged("CLIENT_SET").is_empty(),
+        "{}",
+        allowed.dump()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1402,9 +1693,20 @@ fn envoy_config_authorizes_every_llm_route_and_fails_closed() {
         exact_patterns(&response["allowed_upstream_headers"]),
         lower(&METADATA_HEADERS)
     );
-    assert!(
-        exact_patterns(&response["allowed_client_headers"]).contains("www-authenticate"),
-        "401 answers keep WWW-Authenticate"
+    let on_deny = exact_patterns(&response["allowed_client_headers"]);
+    // 401 answers keep WWW-Authenticate, 429 and 503 Retry-After, 429 the RateLimit fields.
+    for name in [
+        "www-authenticate",
+        "retry-after",
+        "ratelimit-policy",
+        "ratelimit",
+    ] {
+        assert!(on_deny.contains(name), "a denial drops {name}");
+    }
+    // On a 200 only the RateLimit fields go to the client (SPEC §8.1), never a metadata header.
+    assert_eq!(
+        exact_patterns(&response["allowed_client_headers_on_success"]),
+        lower(&["ratelimit-policy", "ratelimit"])
     );
 
     // The auth cluster is the service on 127.0.0.1:8089.

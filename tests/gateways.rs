@@ -59,6 +59,17 @@ struct Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        // SIGTERM first: nginx's master then stops its workers, which a SIGKILL would leave running.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -399,6 +410,135 @@ fn metadata_store_unavailable_comes_out_as_503_with_retry_after() {
     }
 }
 
+/// Seconds until the current UTC day (the service's default `tdl.timezone`) ends.
+fn secs_to_utc_midnight() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    86_400 - now % 86_400
+}
+
+/// A test that counts a whole day must not straddle its end: wait past midnight if it is close.
+fn away_from_midnight() {
+    let left = secs_to_utc_midnight();
+    if left < 90 {
+        std::thread::sleep(Duration::from_secs(left + 1));
+    }
+}
+
+/// `capped` (key `capped-key`), whose only entry allows two calls a day, and `free` (key
+/// `free-key`), whose entry has no limits.
+fn limited_seed() -> String {
+    let capped = metadata_plugin(&[("capped-entry", "p1")]).replace(
+        "              input_cost_per_token:",
+        "              limits: {requests_per_day: 2}\n              input_cost_per_token:",
+    );
+    assert!(capped.contains("requests_per_day"));
+    format!(
+        "consumers:\n  - username: capped\n    keyauth_credentials: [{{key: capped-key}}]\n{capped}  - username: free\n    keyauth_credentials: [{{key: free-key}}]\n{}",
+        metadata_plugin(&[("free-entry", "p2")])
+    )
+}
+
+/// The integer value of `key` in a one-member RateLimit field for the `day` window.
+fn day_param(field: &str, key: &str) -> u64 {
+    let params = field
+        .strip_prefix("\"day\";")
+        .unwrap_or_else(|| panic!("not a day member: {field}"));
+    params
+        .split(';')
+        .find_map(|p| p.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {field}"))
+}
+
+#[test]
+fn request_limits_reach_the_client_as_429_with_retry_after_and_the_ratelimit_fields() {
+    away_from_midnight();
+    let echo = Echo::start();
+    for (name, start) in GATEWAYS {
+        // A service of its own per gateway, so each starts with the full quota.
+        let service = Service::with_files("", &limited_seed());
+        let gateway = start(service.addr, echo.addr);
+        for call in 1..=2u64 {
+            let r = gateway.call("POST", "/v1/chat", &[("apikey", "capped-key")], "{}");
+            let got = Received::of(&r);
+            assert_eq!(
+                got.header("X-Consumer-ID").as_deref(),
+                Some("capped-entry"),
+                "{name}"
+            );
+            // Allowed calls carry the fields to the client, once each...
+            assert_eq!(r.header_count("ratelimit-policy"), 1, "{name}: {r:?}");
+            assert_eq!(r.header_count("ratelimit"), 1, "{name}: {r:?}");
+            assert_eq!(
+                r.header("ratelimit-policy"),
+                Some(r#""day";q=2;w=86400"#),
+                "{name}"
+            );
+            let state = r.header("ratelimit").unwrap();
+            assert_eq!(
+                day_param(state, "r"),
+                2 - call,
+                "{name}: call {call}: {state}"
+            );
+            assert!(
+                day_param(state, "t").abs_diff(secs_to_utc_midnight()) <= 2,
+                "{name}: {state}"
+            );
+            // ...and never to the upstream.
+            for header in ["RateLimit", "RateLimit-Policy", "Retry-After"] {
+                assert_eq!(got.header(header), None, "{name}: {header} went upstream");
+            }
+        }
+
+        let r = gateway.call("POST", "/v1/chat", &[("apikey", "capped-key")], "{}");
+        assert_eq!(r.status, 429, "{name}: {r:?}");
+        assert_eq!(
+            r.json(),
+            serde_json::json!({"message": "API rate limit exceeded"}),
+            "{name}: the service's body, not the upstream's"
+        );
+        assert_eq!(r.header("cache-control"), Some("no-store"), "{name}");
+        let retry_after: u64 = r
+            .header("retry-after")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: Retry-After must be an integer: {r:?}"));
+        assert!(
+            retry_after >= 1 && retry_after.abs_diff(secs_to_utc_midnight()) <= 2,
+            "{name}: Retry-After {retry_after}"
+        );
+        assert_eq!(
+            r.header("ratelimit-policy"),
+            Some(r#""day";q=2;w=86400"#),
+            "{name}: {r:?}"
+        );
+        let state = r
+            .header("ratelimit")
+            .unwrap_or_else(|| panic!("{name}: no RateLimit on the 429: {r:?}"));
+        assert_eq!(day_param(state, "r"), 0, "{name}: {state}");
+        assert!(
+            day_param(state, "t").abs_diff(retry_after) <= 1,
+            "{name}: {state} vs Retry-After {retry_after}"
+        );
+
+        // An entry without limits: no RateLimit fields at all (no empty or placeholder copies).
+        for _ in 0..3 {
+            let r = gateway.call("POST", "/v1/chat", &[("apikey", "free-key")], "{}");
+            let got = Received::of(&r);
+            assert_eq!(
+                got.header("X-Consumer-ID").as_deref(),
+                Some("free-entry"),
+                "{name}"
+            );
+            for header in ["ratelimit", "ratelimit-policy"] {
+                assert_eq!(r.header(header), None, "{name}: {header} on {r:?}");
+            }
+        }
+    }
+}
+
 #[test]
 fn nginx_fails_closed_when_the_service_is_unreachable() {
     let echo = Echo::start();
@@ -412,8 +552,8 @@ fn nginx_fails_closed_when_the_service_is_unreachable() {
 
 #[test]
 fn nginx_turns_a_429_from_the_auth_service_into_a_429() {
-    // The service has no quotas yet; a stand-in auth server answering 429 checks the nginx config's
-    // mapping, which is the same branch that rebuilds the service's 503 (tested above for real).
+    // A stand-in auth server whose 429 carries only Retry-After (the service's own 429 is tested
+    // above): nginx still rebuilds it, and leaves out the RateLimit fields it has no value for.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let limiter = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -446,6 +586,9 @@ fn nginx_turns_a_429_from_the_auth_service_into_a_429() {
     let r = gateway.call("GET", "/midm-base/chat", &[("apikey", USER1_KEY)], "");
     assert_eq!(r.status, 429, "{r:?}");
     assert_eq!(r.header("retry-after"), Some("42"));
+    assert_eq!(r.json()["message"], "API rate limit exceeded");
+    assert_eq!(r.header("ratelimit"), None, "{r:?}");
+    assert_eq!(r.header("ratelimit-policy"), None, "{r:?}");
 }
 
 #[test]

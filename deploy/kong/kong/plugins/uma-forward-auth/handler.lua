@@ -13,6 +13,12 @@
 --      client's apikey / x-api-key headers and apikey query parameter are removed;
 --      400/401/403/429/503: the service's status, body and headers go back to the client;
 --      anything else, or no answer within conf.timeout: 503.
+--
+-- Header filter phase: the RateLimit-Policy and RateLimit fields of an allowed answer (entries
+-- with limits, SPEC section 8.1) are set on the client's response, never on the upstream request.
+-- They are kept in kong.ctx.plugin until then, so that they land on whatever response the client
+-- gets (the upstream's, or one a later plugin such as ai-proxy produces) and replace any copy of
+-- the upstream's.
 
 local http = require("resty.http")
 
@@ -53,6 +59,9 @@ local DENY_HEADERS = {
   "RateLimit-Policy",
   "RateLimit",
 }
+
+-- Answers for the client on an allowed call (a 429 passes them on with DENY_HEADERS).
+local CLIENT_HEADERS = { "RateLimit-Policy", "RateLimit" }
 
 local UNAVAILABLE_BODY = '{"message":"Authorization service unavailable"}'
 
@@ -150,6 +159,15 @@ function UmaForwardAuth:access(conf)
     if conf.hide_credentials then
       hide_credentials()
     end
+    local for_client
+    for _, name in ipairs(CLIENT_HEADERS) do
+      local value = first(res.headers[name])
+      if value ~= nil and value ~= "" then
+        for_client = for_client or {}
+        for_client[name] = value
+      end
+    end
+    kong.ctx.plugin.client_headers = for_client
     return
   end
 
@@ -166,6 +184,19 @@ function UmaForwardAuth:access(conf)
 
   kong.log.err("user-metadata-auth answered an unexpected status ", status, " at ", url)
   return unavailable()
+end
+
+function UmaForwardAuth:header_filter(_)
+  local client_headers = kong.ctx.plugin.client_headers
+  if client_headers == nil then
+    return
+  end
+  for _, name in ipairs(CLIENT_HEADERS) do
+    local value = client_headers[name]
+    if value ~= nil then
+      kong.response.set_header(name, value)
+    end
+  end
 end
 
 return UmaForwardAuth

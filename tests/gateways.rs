@@ -410,23 +410,6 @@ fn metadata_store_unavailable_comes_out_as_503_with_retry_after() {
     }
 }
 
-/// Seconds until the current UTC day (the service's default `tdl.timezone`) ends.
-fn secs_to_utc_midnight() -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    86_400 - now % 86_400
-}
-
-/// A test that counts a whole day must not straddle its end: wait past midnight if it is close.
-fn away_from_midnight() {
-    let left = secs_to_utc_midnight();
-    if left < 90 {
-        std::thread::sleep(Duration::from_secs(left + 1));
-    }
-}
-
 /// `capped` (key `capped-key`), whose only entry allows two calls a day, and `free` (key
 /// `free-key`), whose entry has no limits.
 fn limited_seed() -> String {

@@ -39,23 +39,6 @@ fn call(service: &Service, key: &str) -> Response {
     service.get("/auth", &[("apikey", key), ("X-Forwarded-Uri", "/chat")])
 }
 
-/// Seconds until the current UTC day (and so every window a test uses) ends.
-fn secs_to_utc_midnight() -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    86_400 - now % 86_400
-}
-
-/// Tests that count a whole window must not straddle its end: wait past midnight if it is close.
-fn away_from_midnight() {
-    let left = secs_to_utc_midnight();
-    if left < 90 {
-        std::thread::sleep(Duration::from_secs(left + 1));
-    }
-}
-
 /// A structured-field list member: `"name";k=v;k=v`.
 fn members(field: &str) -> Vec<(String, Vec<(String, u64)>)> {
     field

@@ -330,3 +330,20 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&path, text).expect("write");
     path
 }
+
+/// Seconds until the current UTC day (the service's default `tdl.timezone`) ends.
+pub fn secs_to_utc_midnight() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    86_400 - now % 86_400
+}
+
+/// A test that counts a whole day must not straddle its end: wait past midnight if it is close.
+pub fn away_from_midnight() {
+    let left = secs_to_utc_midnight();
+    if left < 90 {
+        std::thread::sleep(Duration::from_secs(left + 1));
+    }
+}

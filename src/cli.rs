@@ -86,7 +86,13 @@ fn load_all(config: Option<&Path>, seed: Option<&Path>) -> Result<(Loaded, Catal
         Err(mut problems) => {
             // The configured limit is unknown when the config is invalid: the default applies.
             let max_bytes = Settings::default().seed.max_bytes;
-            if let Err(seed_problems) = crate::seed::load_file(&seed_path, max_bytes) {
+            if let Err(seed_problems) = crate::seed::load_file(
+                &seed_path,
+                &crate::seed::SeedRules {
+                    max_bytes,
+                    capability_names: Default::default(),
+                },
+            ) {
                 problems.extend(seed_problems);
             }
             Err(problems)
@@ -124,6 +130,9 @@ fn check(config: Option<&Path>, seed: Option<&Path>) -> ExitCode {
                 eprintln!("warning: {warning}");
             }
             println!("{}", summary(&loaded, &catalog));
+            for line in service::capability_requirements(&catalog) {
+                println!("  {line}");
+            }
             ExitCode::SUCCESS
         }
         Err(problems) => {

@@ -13,6 +13,7 @@ use config::builder::DefaultState;
 use config::{ConfigError, Source as _, Value, ValueKind};
 use serde::Deserialize;
 
+use crate::core::capability::{CapabilityNames, CapabilityRef, DEFAULT_NAMES};
 use crate::core::request::ReadRules;
 pub use crate::core::request::{EntrySelector, OriginalSource};
 use crate::core::routes::{Acl, ConfigRoute};
@@ -33,6 +34,7 @@ pub struct Settings {
     pub server: ServerSettings,
     pub auth: AuthSettings,
     pub limits: LimitsSettings,
+    pub capabilities: CapabilitiesSettings,
     pub log: LogSettings,
     pub routes: Vec<RouteSettings>,
 }
@@ -204,6 +206,23 @@ pub struct RouteSettings {
     pub metadata_id: Option<String>,
     pub allow_groups: Vec<String>,
     pub deny_groups: Vec<String>,
+    /// Capabilities the chosen entry must have: names of `capabilities.names` or indexes.
+    pub require_capabilities: Vec<CapabilityRef>,
+}
+
+/// `[capabilities]`: what each capability flag of an entry is called (SPEC §8.2).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CapabilitiesSettings {
+    pub names: Vec<String>,
+}
+
+impl Default for CapabilitiesSettings {
+    fn default() -> Self {
+        CapabilitiesSettings {
+            names: DEFAULT_NAMES.iter().map(|n| n.to_string()).collect(),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -217,6 +236,7 @@ impl Default for Settings {
             server: ServerSettings::default(),
             auth: AuthSettings::default(),
             limits: LimitsSettings::default(),
+            capabilities: CapabilitiesSettings::default(),
             log: LogSettings::default(),
             routes: Vec::new(),
         }
@@ -298,6 +318,8 @@ pub struct Loaded {
     pub listen: SocketAddr,
     pub timezone: jiff::tz::TimeZone,
     pub routes: Vec<ConfigRoute>,
+    /// `capabilities.names`, checked: what route requirements and refusals call each flag.
+    pub capability_names: CapabilityNames,
     /// The file the settings came from, when there was one.
     pub source: Option<PathBuf>,
 }
@@ -762,13 +784,15 @@ impl Settings {
         check_server(&mut checker, &self.server);
         check_auth(&mut checker, &self.auth);
         check_log(&mut checker, &self.log);
-        let routes = check_routes(&mut checker, &self.routes);
+        let capability_names = check_capabilities(&mut checker, &self.capabilities);
+        let routes = check_routes(&mut checker, &self.routes, &capability_names);
         match (listen, timezone) {
             (Some(listen), Some(timezone)) if checker.problems.is_empty() => Ok(Loaded {
                 settings: self,
                 listen,
                 timezone,
                 routes,
+                capability_names,
                 source,
             }),
             _ => Err(checker.problems),
@@ -907,15 +931,49 @@ fn check_log(c: &mut Checker, log: &LogSettings) {
     }
 }
 
-fn check_routes(c: &mut Checker, routes: &[RouteSettings]) -> Vec<ConfigRoute> {
+/// Names must be visible ASCII and distinct: a route names a capability by them.
+fn check_capabilities(c: &mut Checker, capabilities: &CapabilitiesSettings) -> CapabilityNames {
+    for (i, name) in capabilities.names.iter().enumerate() {
+        let path = format!("capabilities.names[{i}]");
+        let checked = if name.is_empty() {
+            Err("must not be empty")
+        } else {
+            Text::Visible.check(name)
+        };
+        if let Err(reason) = checked {
+            c.report(&path, reason.into());
+        } else if capabilities.names[..i].contains(name) {
+            c.report(&path, format!("duplicate name `{name}`"));
+        }
+    }
+    CapabilityNames::new(capabilities.names.clone())
+}
+
+fn check_routes(
+    c: &mut Checker,
+    routes: &[RouteSettings],
+    names: &CapabilityNames,
+) -> Vec<ConfigRoute> {
     routes
         .iter()
         .enumerate()
-        .map(|(i, route)| check_route(c, &format!("routes[{i}]"), route))
+        .map(|(i, route)| check_route(c, &format!("routes[{i}]"), route, names))
         .collect()
 }
 
-fn check_route(c: &mut Checker, path: &str, route: &RouteSettings) -> ConfigRoute {
+fn check_route(
+    c: &mut Checker,
+    path: &str,
+    route: &RouteSettings,
+    names: &CapabilityNames,
+) -> ConfigRoute {
+    let mut require_capabilities = Vec::new();
+    for (j, reference) in route.require_capabilities.iter().enumerate() {
+        match names.resolve(reference) {
+            Ok(index) => require_capabilities.push(index),
+            Err(reason) => c.report(&format!("{path}.require_capabilities[{j}]"), reason),
+        }
+    }
     if !route.prefix.starts_with('/') {
         c.report(
             &format!("{path}.prefix"),
@@ -950,6 +1008,7 @@ fn check_route(c: &mut Checker, path: &str, route: &RouteSettings) -> ConfigRout
             allow: route.allow_groups.clone(),
             deny: route.deny_groups.clone(),
         },
+        require_capabilities,
     }
 }
 

@@ -31,11 +31,17 @@ use crate::tdl::TdlCounters;
 /// Loads the seed (at `seed_path`, or the config's) and indexes it with the config routes.
 pub fn load_catalog(loaded: &Loaded, seed_path: Option<&Path>) -> Result<Catalog, Vec<Problem>> {
     let path = seed_path.unwrap_or(&loaded.settings.seed.path);
-    let data = seed::load_file(path, loaded.settings.seed.max_bytes)?;
+    let rules = seed::SeedRules {
+        max_bytes: loaded.settings.seed.max_bytes,
+        capability_names: loaded.capability_names.clone(),
+    };
+    let data = seed::load_file(path, &rules)?;
     let policy = Policy {
         global: data.global,
         global_acl: data.global_acl,
         global_key_auth: data.global_key_auth,
+        global_require_capabilities: data.global_require_capabilities,
+        capability_names: loaded.capability_names.clone(),
         ..Policy::build(data.routes, loaded.routes.clone())
     };
     let catalog = Catalog::new(data.consumers, policy);
@@ -132,6 +138,47 @@ impl Readiness {
     pub fn begin_shutdown(&self) {
         self.stopping.store(true, Ordering::Release);
     }
+}
+
+/// Which routes require which capabilities (SPEC §8.2), one line each, for `check`.
+pub fn capability_requirements(catalog: &Catalog) -> Vec<String> {
+    let policy = &catalog.policy;
+    let names = |indexes: &[usize]| {
+        indexes
+            .iter()
+            .map(|i| policy.capability_names.name(*i))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let seed = policy
+        .seed_routes
+        .routes()
+        .filter(|r| !r.require_capabilities.is_empty())
+        .map(|r| {
+            format!(
+                "seed route `{}` requires {}",
+                r.name,
+                names(&r.require_capabilities)
+            )
+        });
+    let config = policy
+        .config_routes
+        .routes()
+        .filter(|r| !r.require_capabilities.is_empty())
+        .map(|r| {
+            format!(
+                "config route `{}` requires {}",
+                r.prefix,
+                names(&r.require_capabilities)
+            )
+        });
+    let global = (!policy.global_require_capabilities.is_empty()).then(|| {
+        format!(
+            "URIs matching no seed route require {}",
+            names(&policy.global_require_capabilities)
+        )
+    });
+    seed.chain(config).chain(global).collect()
 }
 
 /// Builds the shared state and starts its background work (Redis health checks, seed copies,

@@ -7,6 +7,7 @@
 use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
+use super::capability::{CapabilityNames, first_missing};
 use super::key::KeyHash;
 use super::model::{Consumer, Entry, MetadataList};
 use super::path::prefix_key;
@@ -30,6 +31,10 @@ pub struct Policy {
     /// Whether any seed route has `hosts` (set by [`Policy::build`]): only then is the request's
     /// host normalized.
     pub routes_use_hosts: bool,
+    /// What the global `user-metadata` plugin requires, for URIs that match no seed route.
+    pub global_require_capabilities: Vec<usize>,
+    /// `capabilities.names`, to name a missing capability.
+    pub capability_names: CapabilityNames,
 }
 
 /// Everything loaded from the seed and config: consumers by key digest, and the policy.
@@ -231,6 +236,31 @@ impl Policy {
             .or(self.global.as_ref())
     }
 
+    /// The capabilities the matched routes require, seed routes' first, then the config routes'
+    /// (SPEC §8.2: both sets apply).
+    pub fn required_capabilities<'a>(
+        &'a self,
+        routes: &'a RouteMatch<'a>,
+    ) -> impl Iterator<Item = usize> + 'a {
+        let no_route = matches!(routes.seed, SeedMatch::None | SeedMatch::UnknownName);
+        let global: &[usize] = if no_route {
+            &self.global_require_capabilities
+        } else {
+            &[]
+        };
+        routes
+            .seed_routes()
+            .flat_map(|r| r.require_capabilities.iter().copied())
+            .chain(global.iter().copied())
+            .chain(
+                routes
+                    .config
+                    .into_iter()
+                    .chain(routes.plain_config)
+                    .flat_map(|r| r.require_capabilities.iter().copied()),
+            )
+    }
+
     /// Lists that describe an entry id shown by `/api/tdl-matrix` (SPEC §6): the consumer's own,
     /// then the seed routes' in seed order, then the global one.
     pub fn describing_lists<'a>(
@@ -288,7 +318,16 @@ pub fn authorize<'a>(
         Some(id) => list.find(id),
         None => list.first(),
     };
-    chosen.ok_or(Refusal::Forbidden(Forbidden::Entitlement))
+    let entry = chosen.ok_or(Refusal::Forbidden(Forbidden::Entitlement))?;
+    match first_missing(
+        policy.required_capabilities(routes),
+        &entry.fields.capabilities,
+    ) {
+        Some(index) => Err(Refusal::MissingCapability(
+            policy.capability_names.name(index).to_owned(),
+        )),
+        None => Ok(entry),
+    }
 }
 
 #[cfg(test)]
@@ -369,6 +408,7 @@ mod tests {
                 prefix: "/gpt4o/".into(),
                 metadata_id: Some("azure-gpt4o".into()),
                 acl: Acl::default(),
+                require_capabilities: vec![],
             },
             &paths(&["/gpt4o/"]),
         );
@@ -377,6 +417,7 @@ mod tests {
                 prefix: "/vip".into(),
                 metadata_id: None,
                 acl: allow(&["vip"]).unwrap_or_default(),
+                require_capabilities: vec![],
             },
             &paths(&["/vip"]),
         );
@@ -501,6 +542,56 @@ mod tests {
         assert_eq!(
             chosen(&p, &everyone, "/elsewhere", None),
             Ok("kt-midm-base".into())
+        );
+    }
+
+    #[test]
+    fn both_route_sets_require_capabilities() {
+        let mut p = policy();
+        let mut seed_route = SeedRoute {
+            name: "images".into(),
+            require_capabilities: vec![2],
+            ..SeedRoute::default()
+        };
+        p.seed_routes
+            .insert(std::mem::take(&mut seed_route), &paths(&["/images"]));
+        p.config_routes.insert(
+            ConfigRoute {
+                prefix: "/images/hd".into(),
+                require_capabilities: vec![4],
+                ..ConfigRoute::default()
+            },
+            &paths(&["/images/hd"]),
+        );
+        // sample entries have capabilities [1, 1, 0, 0, 0]
+        let user = consumer(&[], Some(&["e"]));
+        let missing = |name: &str| Refusal::MissingCapability(name.into());
+        assert_eq!(
+            chosen(&p, &user, "/images/x", None),
+            Err(missing("image_generation"))
+        );
+        p.global_require_capabilities = vec![3];
+        assert_eq!(chosen(&p, &user, "/nowhere", None), Err(missing("speech")));
+        assert_eq!(
+            chosen(&p, &user, "/api/user-metadata", None),
+            Ok("e".into())
+        );
+        let mut fields = sample_fields("f");
+        fields.capabilities = vec![1, 1, 1];
+        let short = Consumer::new(
+            "s".into(),
+            None,
+            vec![],
+            Some(Arc::new(MetadataList::new(vec![Arc::new(
+                Entry::new(fields).unwrap(),
+            )]))),
+        )
+        .unwrap();
+        assert_eq!(chosen(&p, &short, "/images/x", None), Ok("f".into()));
+        // Past the end of a shorter array counts as 0; the seed route's requirement is checked first.
+        assert_eq!(
+            chosen(&p, &short, "/images/hd/1", None),
+            Err(missing("premium"))
         );
     }
 

@@ -7,6 +7,7 @@
 //! follows. Adapters around it (`http`, `seed`, `tdl`, `config`) feed it loaded data and carry its
 //! answers out; keeping it pure is what lets every SPEC rule be unit-tested without a server.
 
+pub mod capability;
 pub mod decide;
 pub mod decimal;
 pub mod format;

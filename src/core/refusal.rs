@@ -4,6 +4,8 @@
 //! headers in one place (`http::answer::refuse`), and metrics label it by [`Refusal::label`]. Later
 //! checks (capabilities, body limits, quotas) add variants here, carrying what their answers need.
 
+use std::borrow::Cow;
+
 /// A refused request, by the check that refused it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -30,6 +32,8 @@ pub enum Refusal {
     /// 403: refused by a route or the entitlement; the reason is for logs only, the answer is the
     /// same for all (a client learns nothing about which rule it hit).
     Forbidden(Forbidden),
+    /// 403: the chosen entry lacks a capability a matched route requires (SPEC §8.2); its name.
+    MissingCapability(String),
     /// 429: a request limit of the chosen entry is reached (SPEC §8.1); carries the answer's
     /// `Retry-After` and RateLimit fields.
     RateLimited(Box<RateLimitedBy>),
@@ -91,14 +95,17 @@ impl Refusal {
             Refusal::NoKey => 3,
             Refusal::Unavailable => 4,
             Refusal::InvalidKey => 5,
-            Refusal::Forbidden(_) => 6,
+            Refusal::Forbidden(_) | Refusal::MissingCapability(_) => 6,
             Refusal::RateLimited(_) => 7,
         }
     }
 
-    /// The JSON body's message, exactly as SPEC §4 writes it.
-    pub fn message(&self) -> &'static str {
-        match self {
+    /// The JSON body's message, exactly as SPEC §4 and §8 write it.
+    pub fn message(&self) -> Cow<'static, str> {
+        let text = match self {
+            Refusal::MissingCapability(name) => {
+                return Cow::Owned(format!("Capability not enabled: {name}"));
+            }
             Refusal::UriMissing => "Original URI missing",
             Refusal::InvalidUri => "Invalid original URI",
             Refusal::InvalidRequest => "Invalid original request",
@@ -111,7 +118,8 @@ impl Refusal {
             Refusal::InvalidKey => "Invalid authentication credentials",
             Refusal::Forbidden(_) => "You cannot consume this service",
             Refusal::RateLimited(_) => "API rate limit exceeded",
-        }
+        };
+        Cow::Borrowed(text)
     }
 
     pub fn status(&self) -> u16 {
@@ -125,7 +133,7 @@ impl Refusal {
             | Refusal::DuplicateKey
             | Refusal::NoKey
             | Refusal::InvalidKey => 401,
-            Refusal::Forbidden(_) => 403,
+            Refusal::Forbidden(_) | Refusal::MissingCapability(_) => 403,
             Refusal::RateLimited(_) => 429,
             Refusal::Unavailable => 503,
         }

@@ -139,6 +139,9 @@ pub struct SeedRoute {
     pub key_auth: Option<KeyAuth>,
     /// The route-level (or service-level) `user-metadata` list, for consumers without their own.
     pub metadata: Option<Arc<MetadataList>>,
+    /// Capability indexes the chosen entry must have: what every `user-metadata` instance that
+    /// applies to the route requires, added together (SPEC §5, §8.2).
+    pub require_capabilities: Vec<usize>,
 }
 
 impl SeedRoute {
@@ -158,6 +161,8 @@ pub struct ConfigRoute {
     pub prefix: String,
     pub metadata_id: Option<String>,
     pub acl: Acl,
+    /// Capability indexes the chosen entry must have (SPEC §8.2).
+    pub require_capabilities: Vec<usize>,
 }
 
 /// Routes indexed by path.

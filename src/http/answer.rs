@@ -27,7 +27,7 @@ pub fn allow(consumer: &Consumer, entry: &Arc<Entry>) -> Response<Body> {
 /// The answer to a refusal (SPEC §4): its status, its JSON message, and the headers it needs.
 pub fn refuse(refusal: &Refusal) -> Response<Body> {
     let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::FORBIDDEN);
-    let body = format!("{{\"message\":\"{}\"}}", refusal.message());
+    let body = serde_json::json!({ "message": refusal.message() }).to_string();
     let mut response = json(status, body);
     let headers = response.headers_mut();
     match status {

@@ -15,11 +15,21 @@ use std::path::Path;
 
 pub use parse::SeedData;
 
+use crate::core::capability::CapabilityNames;
 use crate::problem::Problem;
 
-/// Reads and checks a seed file of at most `max_bytes` (`seed.max_bytes`); the problems name the
-/// file as given.
-pub fn load_file(path: &Path, max_bytes: u64) -> Result<SeedData, Vec<Problem>> {
+/// What reading a seed depends on from the config.
+#[derive(Debug, Clone)]
+pub struct SeedRules {
+    /// `seed.max_bytes`
+    pub max_bytes: u64,
+    /// `capabilities.names`, which `require_capabilities` may name.
+    pub capability_names: CapabilityNames,
+}
+
+/// Reads and checks a seed file of at most `rules.max_bytes`; the problems name the file as given.
+pub fn load_file(path: &Path, rules: &SeedRules) -> Result<SeedData, Vec<Problem>> {
+    let max_bytes = rules.max_bytes;
     let label = path.display().to_string();
     let text = read_seed(path, max_bytes).map_err(|reason| {
         vec![Problem {
@@ -29,7 +39,7 @@ pub fn load_file(path: &Path, max_bytes: u64) -> Result<SeedData, Vec<Problem>> 
             reason,
         }]
     })?;
-    parse_text(&text, &label)
+    parse_with(&text, &label, &rules.capability_names)
 }
 
 /// What a file that is not a regular file is, for messages: `a FIFO`, `a directory`, ...
@@ -134,8 +144,17 @@ fn read_at_most(file: File, expected: u64, max_bytes: u64) -> Result<Vec<u8>, St
     Ok(bytes)
 }
 
-/// Checks seed text; `label` names the source in problems.
+/// Checks seed text with the default capability names; `label` names the source in problems.
 pub fn parse_text(text: &str, label: &str) -> Result<SeedData, Vec<Problem>> {
+    parse_with(text, label, &CapabilityNames::default())
+}
+
+/// Checks seed text; `label` names the source in problems.
+pub fn parse_with(
+    text: &str,
+    label: &str,
+    capability_names: &CapabilityNames,
+) -> Result<SeedData, Vec<Problem>> {
     let root = yaml::parse(text).map_err(|e| {
         let reason = match e.column {
             Some(column) => format!("YAML syntax error at column {column}: {}", e.message),
@@ -148,7 +167,7 @@ pub fn parse_text(text: &str, label: &str) -> Result<SeedData, Vec<Problem>> {
             reason,
         }]
     })?;
-    parse::parse_document(&root, label)
+    parse::parse_document(&root, label, capability_names)
 }
 
 #[cfg(test)]
@@ -195,7 +214,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("seed.yaml");
         std::fs::write(&path, b"ab\xffcd").unwrap();
-        let err = load_file(&path, 100).unwrap_err();
+        let rules = SeedRules {
+            max_bytes: 100,
+            capability_names: CapabilityNames::default(),
+        };
+        let err = load_file(&path, &rules).unwrap_err();
         assert_eq!(err[0].reason, "not UTF-8 text (invalid byte at offset 2)");
     }
 }

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::yaml::{Node, Value};
+use crate::core::capability::{CapabilityNames, CapabilityRef};
 use crate::core::decimal::Decimal;
 use crate::core::limits::{Limits, SlotLimit};
 use crate::core::model::SLOTS;
@@ -65,6 +66,9 @@ pub struct SeedData {
     /// Unscoped top-level `acl` and `key-auth`, for URIs that match no route.
     pub global_acl: Option<Acl>,
     pub global_key_auth: Option<KeyAuth>,
+    /// What the global `user-metadata` plugin requires (it applies to every route and to URIs
+    /// that match none).
+    pub global_require_capabilities: Vec<usize>,
 }
 
 type Map = [(String, Node)];
@@ -77,6 +81,8 @@ struct Ctx {
     entries: HashMap<String, Arc<Entry>>,
     /// Every key digest seen, with where it was first given.
     keys: HashMap<KeyHash, String>,
+    /// What `require_capabilities` may name (config `capabilities.names`).
+    capability_names: CapabilityNames,
 }
 
 impl Ctx {
@@ -86,6 +92,7 @@ impl Ctx {
             problems: Vec::new(),
             entries: HashMap::new(),
             keys: HashMap::new(),
+            capability_names: CapabilityNames::default(),
         }
     }
 
@@ -325,8 +332,13 @@ fn index(path: &str, i: usize) -> String {
 }
 
 /// Checks the whole document; `file` labels every problem.
-pub fn parse_document(root: &Node, file: &str) -> Result<SeedData, Vec<Problem>> {
+pub fn parse_document(
+    root: &Node,
+    file: &str,
+    capability_names: &CapabilityNames,
+) -> Result<SeedData, Vec<Problem>> {
     let mut ctx = Ctx::new(file);
+    ctx.capability_names = capability_names.clone();
     let mut seed = SeedData::default();
     if let Some(top) = ctx.map(root, "") {
         seed.consumers = consumers(&mut ctx, top);
@@ -337,7 +349,10 @@ pub fn parse_document(root: &Node, file: &str) -> Result<SeedData, Vec<Problem>>
             .into_iter()
             .map(|route| route.resolve(&services, &plugins))
             .collect();
-        seed.global = plugins.global.metadata.and_then(|(list, _)| list);
+        if let Some((global, _)) = plugins.global.metadata {
+            seed.global = global.list;
+            seed.global_require_capabilities = global.require;
+        }
         seed.global_acl = plugins.global.acl.map(|(acl, _)| acl);
         seed.global_key_auth = plugins.global.key_auth.map(|(k, _)| k);
     }
@@ -548,7 +563,12 @@ fn consumer_plugins(ctx: &mut Ctx, consumer: &Map, path: &str) -> Option<Arc<Met
     for item in ctx.maps_in(consumer, path, "plugins") {
         reject_scope_fields(ctx, &item);
         match read_plugin(ctx, &item) {
-            Some(Plugin::Metadata(list)) => set.add_metadata(ctx, list, &item),
+            Some(Plugin::Metadata(plugin)) => {
+                if !plugin.require.is_empty() {
+                    ctx.report(item.line, &join(&item.path, "config.require_capabilities"), "belongs on a route, a service or the global plugin, which say what their upstream needs");
+                }
+                set.add_metadata(ctx, plugin, &item);
+            }
             Some(Plugin::Acl(_) | Plugin::KeyAuth(_)) => ctx.report(
                 item.line,
                 &item.path,
@@ -557,7 +577,7 @@ fn consumer_plugins(ctx: &mut Ctx, consumer: &Map, path: &str) -> Option<Arc<Met
             None => {}
         }
     }
-    set.metadata.and_then(|(list, _)| list)
+    set.metadata.and_then(|(plugin, _)| plugin.list)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -568,8 +588,14 @@ fn consumer_plugins(ctx: &mut Ctx, consumer: &Map, path: &str) -> Option<Arc<Met
 enum Plugin {
     Acl(Acl),
     KeyAuth(KeyAuth),
-    /// `None` when its list had problems (already reported).
-    Metadata(Option<Arc<MetadataList>>),
+    Metadata(MetadataPlugin),
+}
+
+/// A `user-metadata` plugin's config: its list (absent, or `None` when it had problems, already
+/// reported) and the capabilities it requires of the chosen entry.
+struct MetadataPlugin {
+    list: Option<Arc<MetadataList>>,
+    require: Vec<usize>,
 }
 
 /// The enabled instances of the honoured plugins on one entity, with where each was written.
@@ -577,7 +603,7 @@ enum Plugin {
 struct PluginSet {
     acl: Option<(Acl, String)>,
     key_auth: Option<(KeyAuth, String)>,
-    metadata: Option<(Option<Arc<MetadataList>>, String)>,
+    metadata: Option<(MetadataPlugin, String)>,
 }
 
 impl PluginSet {
@@ -585,12 +611,12 @@ impl PluginSet {
         match plugin {
             Plugin::Acl(acl) => put(ctx, &mut self.acl, acl, item, "acl"),
             Plugin::KeyAuth(key_auth) => put(ctx, &mut self.key_auth, key_auth, item, "key-auth"),
-            Plugin::Metadata(list) => self.add_metadata(ctx, list, item),
+            Plugin::Metadata(plugin) => self.add_metadata(ctx, plugin, item),
         }
     }
 
-    fn add_metadata(&mut self, ctx: &mut Ctx, list: Option<Arc<MetadataList>>, item: &Item) {
-        put(ctx, &mut self.metadata, list, item, "user-metadata");
+    fn add_metadata(&mut self, ctx: &mut Ctx, plugin: MetadataPlugin, item: &Item) {
+        put(ctx, &mut self.metadata, plugin, item, "user-metadata");
     }
 }
 
@@ -630,7 +656,7 @@ fn read_plugin(ctx: &mut Ctx, item: &Item) -> Option<Plugin> {
     match name {
         "acl" => acl_config(ctx, item).map(Plugin::Acl),
         "key-auth" => Some(Plugin::KeyAuth(key_auth_config(ctx, item))),
-        _ => Some(Plugin::Metadata(metadata_config(ctx, item))),
+        _ => metadata_config(ctx, item).map(Plugin::Metadata),
     }
 }
 
@@ -836,15 +862,27 @@ impl RouteDraft {
         let key_auth = with_global()
             .find_map(|set| set.key_auth.as_ref())
             .map(|(k, _)| k.clone());
-        // The global list stays the catalog's own fallback; a route carries its own or its service's.
+        // The global list stays the catalog's own fallback; a route carries its own or its
+        // service's: the most specific instance that has a list (one that only requires
+        // capabilities does not hide its service's list).
         let metadata = specific
             .iter()
-            .find_map(|set| set.metadata.as_ref())
-            .and_then(|(list, _)| list.clone());
+            .filter_map(|set| set.metadata.as_ref())
+            .find_map(|(plugin, _)| plugin.list.clone());
+        // Requirements add up over every instance that applies, the global one included.
+        let mut require_capabilities: Vec<usize> = Vec::new();
+        for (plugin, _) in with_global().filter_map(|set| set.metadata.as_ref()) {
+            for index in &plugin.require {
+                if !require_capabilities.contains(index) {
+                    require_capabilities.push(*index);
+                }
+            }
+        }
         let route = SeedRoute {
             acl,
             key_auth,
             metadata,
+            require_capabilities,
             ..self.route
         };
         (route, self.paths)
@@ -998,13 +1036,58 @@ fn check_references(
 // user-metadata: lists and entries
 // ---------------------------------------------------------------------------------------------
 
-fn metadata_config(ctx: &mut Ctx, item: &Item) -> Option<Arc<MetadataList>> {
+/// A `user-metadata` config: `metadata_list`, and `require_capabilities` (names or indexes of
+/// `capabilities.names`); a config that requires capabilities may carry no list.
+fn metadata_config(ctx: &mut Ctx, item: &Item) -> Option<MetadataPlugin> {
     let config = ctx.required(item.map, item.line, &item.path, "config")?;
     let config_path = join(&item.path, "config");
     let map = ctx.map(config, &config_path)?;
-    ctx.reject_unknown(map, &config_path, &["metadata_list"]);
-    let list_node = ctx.required(map, config.line, &config_path, "metadata_list")?;
-    metadata_list(ctx, list_node, &join(&config_path, "metadata_list"))
+    ctx.reject_unknown(
+        map,
+        &config_path,
+        &["metadata_list", "require_capabilities"],
+    );
+    let require = require_capabilities(ctx, map, &config_path);
+    let list = match optional(map, "metadata_list") {
+        Some(node) => metadata_list(ctx, node, &join(&config_path, "metadata_list")),
+        None if optional(map, "require_capabilities").is_some() => None,
+        None => {
+            ctx.required(map, config.line, &config_path, "metadata_list");
+            return None;
+        }
+    };
+    Some(MetadataPlugin { list, require })
+}
+
+fn require_capabilities(ctx: &mut Ctx, config: &Map, config_path: &str) -> Vec<usize> {
+    let path = join(config_path, "require_capabilities");
+    let Some(items) = optional(config, "require_capabilities").and_then(|n| ctx.seq(n, &path))
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, node) in items.iter().enumerate() {
+        let item_path = index(&path, i);
+        let reference = match &node.value {
+            Value::Int(n) if *n >= 0 => u64::try_from(*n).ok().map(CapabilityRef::Index),
+            Value::Str(name) => Some(CapabilityRef::Name(name.clone())),
+            _ => None,
+        };
+        let Some(reference) = reference else {
+            ctx.report(
+                node.line,
+                &item_path,
+                "expected a capability name or an index >= 0",
+            );
+            continue;
+        };
+        match ctx.capability_names.resolve(&reference) {
+            Ok(index) if !out.contains(&index) => out.push(index),
+            Ok(_) => {}
+            Err(reason) => ctx.report(node.line, &item_path, reason),
+        }
+    }
+    out
 }
 
 /// A `metadata_list`: at least one valid entry, ids unique.

@@ -12,7 +12,7 @@ use jiff::Timestamp;
 use jiff::tz::TimeZone;
 
 use super::limits::Limits;
-use super::window::{Window, WindowKind};
+use super::window::{Window, WindowId, WindowKind};
 
 /// Request windows, in the order their RateLimit members are written.
 pub const REQUEST_KINDS: [WindowKind; 3] = [WindowKind::Minute, WindowKind::Slot, WindowKind::Day];
@@ -31,18 +31,23 @@ pub fn request_windows(
     now: Timestamp,
     zone: &TimeZone,
 ) -> [Option<WindowLimit>; 3] {
-    REQUEST_KINDS.map(|kind| {
-        let window = Window::of(kind, now, zone);
-        let limit = match (kind, &window.id) {
-            (WindowKind::Minute, _) => limits.requests_per_minute,
-            (WindowKind::Slot, super::window::WindowId::Slot(_, slot)) => {
-                limits.requests_per_slot.as_ref().and_then(|s| s.of(*slot))
-            }
-            (WindowKind::Day, _) => limits.requests_per_day,
-            _ => None,
+    let of = |kind| Window::of(kind, now, zone);
+    let minute = limits.requests_per_minute.map(|limit| WindowLimit {
+        window: of(WindowKind::Minute),
+        limit,
+    });
+    let slot = limits.requests_per_slot.as_ref().and_then(|slots| {
+        let window = of(WindowKind::Slot);
+        let WindowId::Slot(_, index) = window.id else {
+            return None;
         };
-        limit.map(|limit| WindowLimit { window, limit })
-    })
+        slots.of(index).map(|limit| WindowLimit { window, limit })
+    });
+    let day = limits.requests_per_day.map(|limit| WindowLimit {
+        window: of(WindowKind::Day),
+        limit,
+    });
+    [minute, slot, day]
 }
 
 /// A window's standing after a decision: for the RateLimit fields.

@@ -36,6 +36,22 @@ pub fn o200k() -> Option<O200k> {
     *ENCODER.get_or_init(|| tiktoken::get_encoding("o200k_base").map(O200k))
 }
 
+/// The encoder if it is built already (never waits for it).
+pub fn built() -> Option<O200k> {
+    ENCODER.get().copied().flatten()
+}
+
+/// Builds the encoder on a thread of its own, so that neither the start nor a request waits.
+pub fn warm_up() {
+    let _ = std::thread::Builder::new()
+        .name("uma-tokenizer".into())
+        .spawn(|| {
+            if o200k().is_none() {
+                tracing::error!("the o200k_base vocabulary is missing: /auth-body answers 503");
+            }
+        });
+}
+
 impl CountTokens for O200k {
     fn count(&self, text: &str) -> u64 {
         chunks(text, CHUNK)

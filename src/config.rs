@@ -147,6 +147,14 @@ pub struct AuthSettings {
     pub trust_route_header: bool,
     /// When set, `/auth` needs `X-Uma-Gateway: <secret>`.
     pub gateway_secret: Option<String>,
+    /// `/auth-body` (SPEC §8.3): the largest body read; a larger one answers 413.
+    pub max_body_bytes: u64,
+    /// `/auth-body`: a body not complete within this answers 408.
+    pub body_timeout_ms: u64,
+    /// `/auth-body`: bound on the bytes reserved by the bodies being read at once; past it 503.
+    pub max_body_bytes_in_flight: u64,
+    /// `/auth-body`: a JSON body without any max-tokens field answers 400.
+    pub require_max_tokens: bool,
 }
 
 impl Default for AuthSettings {
@@ -157,6 +165,10 @@ impl Default for AuthSettings {
             entry_selectors: Vec::new(),
             trust_route_header: false,
             gateway_secret: None,
+            max_body_bytes: 1_048_576,
+            body_timeout_ms: 2_000,
+            max_body_bytes_in_flight: 67_108_864,
+            require_max_tokens: false,
         }
     }
 }
@@ -423,9 +435,16 @@ pub mod bounds {
         Bound::new("server.max_connections", 1, 1_000_000, "1 million");
     pub const SERVER_SHUTDOWN_GRACE_MS: Bound =
         Bound::new("server.shutdown_grace_ms", 1, HOUR_MS, "1 hour");
+    /// A body is held in memory whole while it is inspected; 1 GiB is far past any prompt.
+    pub const AUTH_MAX_BODY_BYTES: Bound = Bound::new("auth.max_body_bytes", 1, 1 << 30, "1 GiB");
+    pub const AUTH_BODY_TIMEOUT_MS: Bound =
+        Bound::new("auth.body_timeout_ms", 1, HOUR_MS, "1 hour");
+    /// The memory all bodies being read may take together; 16 GiB is more than a pod should hold.
+    pub const AUTH_MAX_BODY_BYTES_IN_FLIGHT: Bound =
+        Bound::new("auth.max_body_bytes_in_flight", 1, 16 << 30, "16 GiB");
 
     /// Every numeric setting, in config/default.toml order (README's range table lists them all).
-    pub const ALL: [Bound; 20] = [
+    pub const ALL: [Bound; 23] = [
         REDIS_CACHE_TTL_SECS,
         REDIS_POOL_SIZE,
         REDIS_CONNECT_TIMEOUT_MS,
@@ -446,6 +465,9 @@ pub mod bounds {
         SERVER_IDLE_TIMEOUT_MS,
         SERVER_MAX_CONNECTIONS,
         SERVER_SHUTDOWN_GRACE_MS,
+        AUTH_MAX_BODY_BYTES,
+        AUTH_BODY_TIMEOUT_MS,
+        AUTH_MAX_BODY_BYTES_IN_FLIGHT,
     ];
 }
 
@@ -897,6 +919,7 @@ fn check_server(c: &mut Checker, server: &ServerSettings) {
 }
 
 fn check_auth(c: &mut Checker, auth: &AuthSettings) {
+    check_body_limits(c, auth);
     if let Some(uri) = &auth.default_uri
         && !(uri.starts_with('/') && uri.bytes().all(|b| b.is_ascii_graphic()))
     {
@@ -920,6 +943,17 @@ fn check_auth(c: &mut Checker, auth: &AuthSettings) {
             "must be printable ASCII without leading or trailing spaces".into(),
         );
     }
+}
+
+/// `/auth-body`'s bounds (SPEC §8.3). `max_body_bytes` above the in-flight budget is allowed: a
+/// reservation is capped at the budget, so one body at a time still fits.
+fn check_body_limits(c: &mut Checker, auth: &AuthSettings) {
+    c.range(bounds::AUTH_MAX_BODY_BYTES, auth.max_body_bytes);
+    c.range(bounds::AUTH_BODY_TIMEOUT_MS, auth.body_timeout_ms);
+    c.range(
+        bounds::AUTH_MAX_BODY_BYTES_IN_FLIGHT,
+        auth.max_body_bytes_in_flight,
+    );
 }
 
 fn check_log(c: &mut Checker, log: &LogSettings) {

@@ -10,6 +10,7 @@
 //! - `tdl` counts allowed calls per time slot, exactly once; `clock` is its injectable time source.
 //! - `http` serves it all (connections in `http::conn`, answers in `http::answer`); `metrics` and
 //!   `request_stats` are what Prometheus scrapes; `logging` sets up tracing.
+//! - `tokenizer` counts `/auth-body`'s input tokens (o200k_base) in linear time.
 //! - `service` wires the pieces; `cli` is what the binary runs.
 
 pub mod cli;
@@ -27,3 +28,4 @@ pub mod seed;
 pub mod service;
 pub mod store;
 pub mod tdl;
+pub mod tokenizer;

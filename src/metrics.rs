@@ -44,6 +44,7 @@ pub fn spawn_upkeep(handle: PrometheusHandle) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     Auth,
+    AuthBody,
     UserMetadata,
     TdlMatrix,
     Other,
@@ -60,6 +61,7 @@ impl Endpoint {
     fn label(self) -> &'static str {
         match self {
             Endpoint::Auth => "auth",
+            Endpoint::AuthBody => "auth_body",
             Endpoint::UserMetadata => "user_metadata",
             Endpoint::TdlMatrix => "tdl_matrix",
             Endpoint::Other => "other",
@@ -103,6 +105,7 @@ const OUTCOMES: usize = crate::request_stats::OUTCOMES;
 
 const ENDPOINTS: [Endpoint; crate::request_stats::ENDPOINTS] = [
     Endpoint::Auth,
+    Endpoint::AuthBody,
     Endpoint::UserMetadata,
     Endpoint::TdlMatrix,
     Endpoint::Other,
@@ -227,7 +230,7 @@ impl Metrics {
         // Only combinations that can happen are shown, so `/metrics` has no dead series.
         let possible = |e: usize, o: usize| match ENDPOINTS[e] {
             Endpoint::Other => o == served,
-            Endpoint::Auth => o != served,
+            Endpoint::Auth | Endpoint::AuthBody => o != served,
             Endpoint::UserMetadata | Endpoint::TdlMatrix => true,
         };
         self.requests

@@ -18,7 +18,9 @@ use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
 use crate::config::Loaded;
+use crate::core::body::BodyRules;
 use crate::core::decide::{Catalog, Policy};
+use crate::http::body::BodyReader;
 use crate::http::{self, App, ServeOptions};
 use crate::lookup::{Resolver, seed_copies};
 use crate::metrics::{self, Metrics};
@@ -240,7 +242,17 @@ pub fn build_app(
                 .saturating_add(10),
         ),
         ready: ready.clone(),
+        body: BodyReader::new(
+            settings.auth.max_body_bytes,
+            Duration::from_millis(settings.auth.body_timeout_ms),
+            settings.auth.max_body_bytes_in_flight,
+            BodyRules {
+                require_max_tokens: settings.auth.require_max_tokens,
+            },
+        ),
     });
+    // Built off the start path: the first /auth-body call waits for it only if it comes first.
+    crate::tokenizer::warm_up();
     let (stop, stopped) = watch::channel(false);
     if let Some(store) = &store {
         let interval = Duration::from_millis(settings.redis.health_interval_ms);

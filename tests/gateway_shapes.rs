@@ -1,4 +1,5 @@
-//! The service against the exact auth requests Traefik (`forwardAuth`), Envoy (`ext_authz` HTTP) and
+//! The service against the exact auth requests Traefik (`forwardAuth`, with `forwardBody`), Envoy
+//! (`ext_authz` HTTP, with `with_request_body`) and
 //! Kong (the `uma-forward-auth` plugin of `deploy/kong/`) send, and the gateway configurations of
 //! `deploy/` parsed and checked. The gateways themselves are not installed here: each request shape
 //! is built from the parsed configuration the way the gateway builds it (STACK.md, "Gateway facts"),
@@ -30,6 +31,8 @@ struct ClientCall<'a> {
     uri: &'a str,
     host: &'a str,
     headers: &'a [(&'a str, &'a str)],
+    /// The client's body (empty: none).
+    body: &'a [u8],
 }
 
 impl<'a> ClientCall<'a> {
@@ -39,18 +42,36 @@ impl<'a> ClientCall<'a> {
             uri,
             host: "llm.example.com",
             headers,
+            body: b"",
         }
+    }
+
+    fn with_body(self, body: &'a [u8]) -> Self {
+        ClientCall { body, ..self }
     }
 }
 
 /// One request on a fresh connection, with exactly the given headers (Host included by the caller).
 fn send(addr: SocketAddr, method: &str, target: &str, headers: &[(String, String)]) -> Response {
+    send_body(addr, method, target, headers, b"")
+}
+
+/// The same with a body after the head (the caller's headers say its length).
+fn send_body(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Response {
     let mut head = format!("{method} {target} HTTP/1.1\r\n");
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("Connection: close\r\n\r\n");
-    raw(addr, head.as_bytes(), method == "HEAD")
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(body);
+    raw(addr, &bytes, method == "HEAD")
 }
 
 fn owned(headers: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -224,6 +245,8 @@ struct Traefik {
     request_headers: Vec<String>,
     /// Headers removed by the `headers` middlewares that run before forwardAuth.
     stripped: BTreeSet<String>,
+    /// `forwardBody`: the client's body goes along with the GET.
+    forward_body: bool,
 }
 
 /// The middlewares a router runs, in order, with `chain` middlewares expanded.
@@ -278,6 +301,7 @@ impl Traefik {
             target,
             request_headers: strings(&forward_auth["authRequestHeaders"]),
             stripped,
+            forward_body: forward_auth["forwardBody"] == Value::Bool(true),
         }
     }
 
@@ -309,7 +333,12 @@ impl Traefik {
             }
         }
         headers.extend(owned(&forwarded));
-        send(service.addr, "GET", &self.target, &headers)
+        // forwardBody: the body with the client's Content-Length (Go sends none for an empty one).
+        let body = if self.forward_body { call.body } else { b"" };
+        if !body.is_empty() {
+            headers.push(("Content-Length".to_owned(), body.len().to_string()));
+        }
+        send_body(service.addr, "GET", &self.target, &headers, body)
     }
 }
 
@@ -450,6 +479,51 @@ fn traefik_shape_client_metadata_id_is_stripped_before_it_could_choose_the_entry
 }
 
 #[test]
+fn traefik_shape_forwards_the_body_and_the_service_checks_its_tokens() {
+    let service = Service::bundled();
+    let traefik = Traefik::load();
+    assert!(
+        traefik.forward_body,
+        "the LLM routers' forwardAuth must forward the body"
+    );
+    assert_eq!(traefik.target, "/auth-body");
+    let headers = [("apikey", USER1_KEY), ("Content-Type", "application/json")];
+    let call = |body: &'static [u8]| {
+        traefik.send(
+            &service,
+            &ClientCall::post("/midm-base/chat", &headers).with_body(body),
+        )
+    };
+    let chat = br#"{"model":"gpt-4o","max_tokens":100,"messages":[{"role":"user","content":"hello world"}]}"#;
+    let r = call(chat);
+    assert_user1_midm(&r);
+    assert_eq!(r.header("x-user-input-tokens"), Some("2"));
+    // Refusals reach the client as the service wrote them (forwardAuth copies any non-2xx).
+    assert_denied(
+        &call(br#"{"max_tokens":30000}"#),
+        403,
+        "Requested output tokens exceed the limit of 20000",
+    );
+    assert_denied(&call(b"{\"model\":"), 400, "Request body is not valid JSON");
+    // A key problem wins over the body's.
+    let no_key = [("Content-Type", "application/json")];
+    let r = traefik.send(
+        &service,
+        &ClientCall::post("/midm-base/chat", &no_key).with_body(b"{bad"),
+    );
+    assert_denied(&r, 401, NO_KEY);
+    // A call without a body (a GET through the same router) has nothing to inspect.
+    let get = ClientCall {
+        method: "GET",
+        ..ClientCall::post("/midm-base/chat", &headers)
+    };
+    assert_eq!(
+        traefik.send(&service, &get).header("x-user-input-tokens"),
+        Some("0")
+    );
+}
+
+#[test]
 fn traefik_shape_429_goes_back_with_retry_after_and_the_ratelimit_fields() {
     away_from_midnight();
     let service = Service::with_files("", &limited_seed());
@@ -500,6 +574,8 @@ struct Envoy {
     client_on_deny: BTreeSet<String>,
     /// `allowed_client_headers_on_success`: added from a 200 to the client's response.
     client_on_success: BTreeSet<String>,
+    /// `with_request_body`: the client's body goes along.
+    with_body: bool,
 }
 
 /// Headers ext_authz keeps on a denial's answer to the client whatever `allowed_client_headers`
@@ -573,6 +649,7 @@ impl Envoy {
             upstream: exact_patterns(&response["allowed_upstream_headers"]),
             client_on_deny: exact_patterns(&response["allowed_client_headers"]),
             client_on_success: exact_patterns(&response["allowed_client_headers_on_success"]),
+            with_body: ext_authz["with_request_body"].is_object(),
         }
     }
 
@@ -600,11 +677,13 @@ impl Envoy {
     }
 
     /// The check request: the client's method, `path_prefix` + original path and query, the
-    /// original Host, `Content-Length: 0` and only the allowed client headers.
+    /// original Host, the body when `with_request_body` is set (else `Content-Length: 0`) and only
+    /// the allowed client headers.
     fn send(&self, service: &Service, call: &ClientCall) -> Response {
+        let body = if self.with_body { call.body } else { b"" };
         let mut headers = vec![
             ("host".to_owned(), call.host.to_owned()),
-            ("content-length".to_owned(), "0".to_owned()),
+            ("content-length".to_owned(), body.len().to_string()),
             ("x-forwarded-proto".to_owned(), "http".to_owned()),
             (
                 "x-request-id".to_owned(),
@@ -622,7 +701,7 @@ impl Envoy {
             }
         }
         let target = format!("{}{}", self.path_prefix, call.uri);
-        send(service.addr, call.method, &target, &headers)
+        send_body(service.addr, call.method, &target, &headers, body)
     }
 }
 
@@ -739,6 +818,44 @@ fn envoy_shape_no_key_is_401_with_www_authenticate() {
     let uri = format!("/midm-base/chat?apikey={USER1_KEY}");
     let r = envoy.send(&service, &ClientCall::post(&uri, &[]));
     assert_user1_midm(&r);
+}
+
+#[test]
+fn envoy_shape_sends_the_body_to_auth_body_and_relays_its_refusals() {
+    let service = Service::bundled();
+    let envoy = Envoy::load();
+    assert!(envoy.with_body);
+    assert_eq!(envoy.path_prefix, "/auth-body");
+    assert!(envoy.upstream.contains("x-user-input-tokens"));
+    let headers = [("apikey", USER1_KEY), ("content-type", "application/json")];
+    let call = |body: &[u8]| {
+        envoy.send(
+            &service,
+            &ClientCall::post("/midm-base/chat", &headers).with_body(body),
+        )
+    };
+    let chat = br#"{"model":"gpt-4o","max_tokens":100,"messages":[{"role":"user","content":"hello world"}]}"#;
+    let r = call(chat);
+    assert_user1_midm(&r);
+    assert_eq!(r.header("x-user-input-tokens"), Some("2"));
+    // 413 with the count: Envoy passes a denial's status and body to the client.
+    let long = format!(
+        r#"{{"messages":[{{"role":"user","content":"{}hello"}}]}}"#,
+        "hello ".repeat(50_000)
+    );
+    let r = envoy.to_client(&call(long.as_bytes()));
+    assert_denied(&r, 413, "Input of 50001 tokens exceeds the limit of 50000");
+    let r = envoy.to_client(&call(br#"{"max_completion_tokens":20001}"#));
+    assert_denied(&r, 403, "Requested output tokens exceed the limit of 20000");
+    // Other methods keep working, with or without a body.
+    let get = ClientCall {
+        method: "GET",
+        ..ClientCall::post("/midm-base/chat", &headers)
+    };
+    assert_eq!(
+        envoy.send(&service, &get).header("x-user-input-tokens"),
+        Some("0")
+    );
 }
 
 #[test]
@@ -1505,16 +1622,35 @@ fn assert_forward_auth(forward_auth: &Value, file: &str) -> String {
     let (scheme, host, port, target) = split_url(address);
     assert_eq!(scheme, "http", "{file}");
     assert_eq!(port, 8089, "{file}: the service's port");
-    assert_eq!(target, "/auth", "{file}: no query a client could extend");
-    assert_exact_metadata_headers(&strings(&forward_auth["authResponseHeaders"]), file);
+    // With the body (SPEC §8.3): /auth-body, bounded like the service, Content-Type passed, and
+    // the input tokens counted copied upstream with the twelve.
+    let body = forward_auth["forwardBody"] == Value::Bool(true);
+    let (endpoint, mut expected_request) = if body {
+        assert_eq!(forward_auth["maxBodySize"], 1_048_576, "{file}");
+        (
+            "/auth-body",
+            vec!["apikey", "x-api-key", "authorization", "content-type"],
+        )
+    } else {
+        assert!(forward_auth["maxBodySize"].is_null(), "{file}");
+        ("/auth", vec!["apikey", "x-api-key", "authorization"])
+    };
+    assert_eq!(target, endpoint, "{file}: no query a client could extend");
+    let mut response = strings(&forward_auth["authResponseHeaders"]);
+    if body {
+        let at = response.iter().position(|h| h == "X-User-Input-Tokens");
+        response.remove(at.unwrap_or_else(|| panic!("{file}: X-User-Input-Tokens not copied")));
+    }
+    assert_exact_metadata_headers(&response, file);
     let request_headers: BTreeSet<String> = strings(&forward_auth["authRequestHeaders"])
         .iter()
         .map(|h| h.to_ascii_lowercase())
         .collect();
+    expected_request.sort_unstable();
     assert_eq!(
         request_headers,
-        lower(&["apikey", "x-api-key", "authorization"]),
-        "{file}: only the key headers reach the service"
+        lower(&expected_request),
+        "{file}: only the key headers (and the body's type) reach the service"
     );
     host
 }
@@ -1524,6 +1660,8 @@ fn traefik_dynamic_config_strips_authenticates_and_hides_on_every_llm_router() {
     let doc = yaml("traefik/dynamic.yml");
     let middlewares = &doc["http"]["middlewares"];
     let host = assert_forward_auth(&middlewares["uma-auth"]["forwardAuth"], "dynamic.yml");
+    assert_eq!(host, "127.0.0.1");
+    let host = assert_forward_auth(&middlewares["uma-auth-body"]["forwardAuth"], "dynamic.yml");
     assert_eq!(host, "127.0.0.1");
     let routers = doc["http"]["routers"].as_object().expect("routers");
     let mut protected = Vec::new();
@@ -1535,7 +1673,12 @@ fn traefik_dynamic_config_strips_authenticates_and_hides_on_every_llm_router() {
             strings(&router["middlewares"])
         };
         let chain = expand_chain(middlewares, &names);
-        let Some(auth) = chain.iter().position(|m| m == "uma-auth") else {
+        let auths: Vec<usize> = (0..chain.len())
+            .filter(|&i| middlewares[chain[i].as_str()]["forwardAuth"].is_object())
+            .collect();
+        // One auth call per client call: both would count it twice in the TDL counters.
+        assert!(auths.len() <= 1, "{name}: several forwardAuth middlewares");
+        let Some(&auth) = auths.first() else {
             // Only the service's own API goes without forwardAuth: it checks the key itself.
             assert_eq!(
                 router["service"], "user-metadata-service",
@@ -1563,12 +1706,15 @@ fn traefik_dynamic_config_strips_authenticates_and_hides_on_every_llm_router() {
         for key in ["apikey", "x-api-key"] {
             assert!(after.contains(key), "{name}: {key} must be hidden upstream");
         }
-        protected.push(rule.to_owned());
+        protected.push(format!("{rule} via {}", chain[auth]));
     }
+    // The LLM routes check the body too (models and token limits).
     for path in ["/midm-base/chat", "/gpt4o/chat"] {
         assert!(
-            protected.iter().any(|r| r.contains(&format!("`{path}`"))),
-            "no protected router for {path}: {protected:?}"
+            protected
+                .iter()
+                .any(|r| r.contains(&format!("`{path}`")) && r.ends_with("via uma-auth-body")),
+            "no router checking the body for {path}: {protected:?}"
         );
     }
     let url = doc["http"]["services"]["user-metadata-service"]["loadBalancer"]["servers"][0]["url"]
@@ -1614,7 +1760,7 @@ fn traefik_kubernetes_middlewares_match_the_file_provider() {
                         names,
                         [
                             "uma-strip-client-headers",
-                            "uma-auth",
+                            "uma-auth-body",
                             "uma-hide-credentials"
                         ],
                         "{route}"
@@ -1627,6 +1773,7 @@ fn traefik_kubernetes_middlewares_match_the_file_provider() {
     let expected: BTreeSet<String> = [
         "uma-strip-client-headers",
         "uma-auth",
+        "uma-auth-body",
         "uma-hide-credentials",
     ]
     .iter()
@@ -1661,7 +1808,9 @@ fn envoy_config_authorizes_every_llm_route_and_fails_closed() {
     .iter()
     .map(|m| m["remove"].as_str().expect("remove").to_owned())
     .collect();
-    assert_eq!(removed, lower(&METADATA_HEADERS));
+    let mut upstream = lower(&METADATA_HEADERS);
+    upstream.insert("x-user-input-tokens".to_owned());
+    assert_eq!(removed, upstream);
 
     let ext_authz = http_filter(hcm, "envoy.filters.http.ext_authz");
     assert_eq!(
@@ -1670,12 +1819,12 @@ fn envoy_config_authorizes_every_llm_route_and_fails_closed() {
         "failure_mode_allow must be explicitly false"
     );
     assert_eq!(ext_authz["status_on_error"]["code"], "ServiceUnavailable");
-    assert!(
-        ext_authz["with_request_body"].is_null(),
-        "the service never reads a body"
-    );
+    // The body goes to /auth-body (SPEC §8.3), whole or not at all, bounded like the service.
+    let body = &ext_authz["with_request_body"];
+    assert_eq!(body["max_request_bytes"], 1_048_576);
+    assert_eq!(body["allow_partial_message"], Value::Bool(false));
     let service = &ext_authz["http_service"];
-    assert_eq!(service["path_prefix"], "/auth");
+    assert_eq!(service["path_prefix"], "/auth-body");
     let server = &service["server_uri"];
     assert_eq!(server["cluster"], "uma");
     assert_eq!(split_url(server["uri"].as_str().expect("uri")).2, 8089);
@@ -1686,12 +1835,12 @@ fn envoy_config_authorizes_every_llm_route_and_fails_closed() {
     );
     assert_eq!(
         exact_patterns(&service["authorization_request"]["allowed_headers"]),
-        lower(&["apikey", "x-api-key", "authorization"])
+        lower(&["apikey", "x-api-key", "authorization", "content-type"])
     );
     let response = &service["authorization_response"];
     assert_eq!(
         exact_patterns(&response["allowed_upstream_headers"]),
-        lower(&METADATA_HEADERS)
+        upstream
     );
     let on_deny = exact_patterns(&response["allowed_client_headers"]);
     // 401 answers keep WWW-Authenticate, 429 and 503 Retry-After, 429 the RateLimit fields.

@@ -63,6 +63,7 @@ fn fields() -> EntryFields {
         input_cost_per_token: Decimal::ZERO,
         output_cost_per_token: Decimal::ZERO,
         limits: None,
+        models: None,
     }
 }
 

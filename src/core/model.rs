@@ -58,6 +58,9 @@ pub struct EntryFields {
     pub output_cost_per_token: Decimal,
     /// SPEC §8.1; `None` when the entry has no `limits` block.
     pub limits: Option<Limits>,
+    /// SPEC §8.3: the model names `/auth-body` admits (`*` as a trailing wildcard); `None` admits
+    /// any model. Never sent as a header (a list of models could outgrow the header budget).
+    pub models: Option<Vec<String>>,
 }
 
 /// A metadata entry with its precomputed header values and JSON forms.
@@ -252,6 +255,10 @@ fn entry_json(fields: &EntryFields, tdl_json: &Bytes, capabilities: &HeaderValue
         out.push_str(",\"limits\":");
         limits.write_json(&mut out);
     }
+    if let Some(models) = &fields.models {
+        out.push_str(",\"models\":");
+        out.push_str(&ascii_json_string_array(models));
+    }
     out.push('}');
     out
 }
@@ -389,6 +396,7 @@ pub(crate) mod tests {
             input_cost_per_token: Decimal::parse("5e-08").unwrap(),
             output_cost_per_token: Decimal::parse("0.0000002").unwrap(),
             limits: None,
+            models: None,
         }
     }
 

@@ -2,7 +2,8 @@
 //!
 //! The decision core returns a [`Refusal`]; the HTTP adapter turns it into status, body and
 //! headers in one place (`http::answer::refuse`), and metrics label it by [`Refusal::label`]. Later
-//! checks (capabilities, body limits, quotas) add variants here, carrying what their answers need.
+//! checks (capabilities, body limits, quotas) add variants here, carrying what their answers need;
+//! new variants go at the end, so the labels (and dashboards built on them) keep their numbers.
 
 use std::borrow::Cow;
 
@@ -37,7 +38,37 @@ pub enum Refusal {
     /// 429: a request limit of the chosen entry is reached (SPEC §8.1); carries the answer's
     /// `Retry-After` and RateLimit fields.
     RateLimited(Box<RateLimitedBy>),
+    /// 413 (`/auth-body`, SPEC §8.3): the body is larger than `auth.max_body_bytes`, or the
+    /// gateway says it sent only part of it (`x-envoy-auth-partial-body: true`).
+    BodyTooLarge,
+    /// 408: the body was not complete within `auth.body_timeout_ms`.
+    BodyTimeout,
+    /// 400: the body's shape or a token field cannot be used.
+    BadBody(BadBody),
+    /// 403: the entry has `models` and the body's `model` is none of them; carries the model as
+    /// the body named it (shortened), for the answer.
+    ModelNotAllowed(String),
+    /// 403: a requested output exceeds the entry's `max_output_tokens` (carried).
+    OutputTokens(u64),
+    /// 413: the body's input counts more tokens than the entry's `max_input_tokens`.
+    InputTokens { count: u64, limit: u64 },
+    /// 503: the bodies being read already reserve `auth.max_body_bytes_in_flight`.
+    Busy,
 }
+
+/// Why a body answered 400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadBody {
+    /// `Content-Type: application/json` and not JSON, or an inspected field given twice.
+    NotJson,
+    /// A max-tokens field or `n` that is not a non-negative integer.
+    InvalidMaxTokens,
+    /// No max-tokens field while `auth.require_max_tokens` is on.
+    MaxTokensRequired,
+}
+
+/// The longest model name an answer repeats: the rest is the client's own text, echoed back.
+const MAX_ECHOED_MODEL: usize = 200;
 
 /// Which windows refused a call, as the 429 answer writes them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +98,7 @@ pub enum Forbidden {
 
 impl Refusal {
     /// Every metrics label, in the order [`Refusal::label_index`] numbers them.
-    pub const LABELS: [&'static str; 8] = [
+    pub const LABELS: [&'static str; 15] = [
         "bad_request",
         "unknown_gateway",
         "duplicate_key",
@@ -76,6 +107,13 @@ impl Refusal {
         "invalid_key",
         "forbidden",
         "rate_limited",
+        "body_too_large",
+        "body_timeout",
+        "bad_body",
+        "model_not_allowed",
+        "output_tokens",
+        "input_tokens",
+        "busy",
     ];
 
     /// The `decision` label of `uma_requests_total`.
@@ -97,10 +135,27 @@ impl Refusal {
             Refusal::InvalidKey => 5,
             Refusal::Forbidden(_) | Refusal::MissingCapability(_) => 6,
             Refusal::RateLimited(_) => 7,
+            Refusal::BodyTooLarge => 8,
+            Refusal::BodyTimeout => 9,
+            Refusal::BadBody(_) => 10,
+            Refusal::ModelNotAllowed(_) => 11,
+            Refusal::OutputTokens(_) => 12,
+            Refusal::InputTokens { .. } => 13,
+            Refusal::Busy => 14,
         }
     }
 
-    /// The JSON body's message, exactly as SPEC §4 and §8 write it.
+    /// 403 for `model` (shortened to a bounded length: the answer echoes the client's text).
+    pub fn model_not_allowed(model: &str) -> Refusal {
+        let mut end = model.len().min(MAX_ECHOED_MODEL);
+        while !model.is_char_boundary(end) {
+            end -= 1;
+        }
+        Refusal::ModelNotAllowed(model[..end].to_owned())
+    }
+
+    /// The JSON body's message, exactly as SPEC §4 and §8.3 write it (not yet JSON-escaped: a
+    /// model name is the client's text).
     pub fn message(&self) -> Cow<'static, str> {
         let text = match self {
             Refusal::MissingCapability(name) => {
@@ -118,6 +173,25 @@ impl Refusal {
             Refusal::InvalidKey => "Invalid authentication credentials",
             Refusal::Forbidden(_) => "You cannot consume this service",
             Refusal::RateLimited(_) => "API rate limit exceeded",
+            Refusal::BodyTooLarge => "Request body too large",
+            Refusal::BodyTimeout => "Request body not received",
+            Refusal::BadBody(BadBody::NotJson) => "Request body is not valid JSON",
+            Refusal::BadBody(BadBody::InvalidMaxTokens) => "Invalid max_tokens",
+            Refusal::BadBody(BadBody::MaxTokensRequired) => "max_tokens is required",
+            Refusal::Busy => "Busy",
+            Refusal::ModelNotAllowed(model) => {
+                return Cow::Owned(format!("Model not allowed: {model}"));
+            }
+            Refusal::OutputTokens(limit) => {
+                return Cow::Owned(format!(
+                    "Requested output tokens exceed the limit of {limit}"
+                ));
+            }
+            Refusal::InputTokens { count, limit } => {
+                return Cow::Owned(format!(
+                    "Input of {count} tokens exceeds the limit of {limit}"
+                ));
+            }
         };
         Cow::Borrowed(text)
     }
@@ -128,14 +202,20 @@ impl Refusal {
             | Refusal::InvalidUri
             | Refusal::InvalidRequest
             | Refusal::ConflictingRequest
-            | Refusal::ConflictingMetadataId => 400,
+            | Refusal::ConflictingMetadataId
+            | Refusal::BadBody(_) => 400,
             Refusal::UnknownGateway
             | Refusal::DuplicateKey
             | Refusal::NoKey
             | Refusal::InvalidKey => 401,
-            Refusal::Forbidden(_) | Refusal::MissingCapability(_) => 403,
+            Refusal::Forbidden(_)
+            | Refusal::MissingCapability(_)
+            | Refusal::ModelNotAllowed(_)
+            | Refusal::OutputTokens(_) => 403,
+            Refusal::BodyTimeout => 408,
+            Refusal::BodyTooLarge | Refusal::InputTokens { .. } => 413,
             Refusal::RateLimited(_) => 429,
-            Refusal::Unavailable => 503,
+            Refusal::Unavailable | Refusal::Busy => 503,
         }
     }
 }
@@ -152,5 +232,35 @@ mod tests {
         assert_eq!(Refusal::UnknownGateway.status(), 401);
         assert_eq!(Refusal::Unavailable.status(), 503);
         assert_eq!(Refusal::NoKey.message(), "No API key found in request");
+    }
+
+    #[test]
+    fn body_refusals_carry_their_numbers_and_labels() {
+        let input = Refusal::InputTokens {
+            count: 51234,
+            limit: 50000,
+        };
+        assert_eq!(
+            input.message(),
+            "Input of 51234 tokens exceeds the limit of 50000"
+        );
+        assert_eq!((input.status(), input.label()), (413, "input_tokens"));
+        let output = Refusal::OutputTokens(20000);
+        assert_eq!(
+            output.message(),
+            "Requested output tokens exceed the limit of 20000"
+        );
+        assert_eq!(output.status(), 403);
+        assert_eq!(
+            Refusal::model_not_allowed("gpt-5").message(),
+            "Model not allowed: gpt-5"
+        );
+        let long = Refusal::model_not_allowed(&"é".repeat(300));
+        assert!(long.message().len() <= 20 + MAX_ECHOED_MODEL);
+        assert_eq!(Refusal::Busy.status(), 503);
+        assert_eq!(Refusal::BodyTimeout.status(), 408);
+        assert_eq!(Refusal::BadBody(BadBody::NotJson).label(), "bad_body");
+        // Every variant has its own label, in the order of LABELS.
+        assert_eq!(Refusal::Busy.label_index(), Refusal::LABELS.len() - 1);
     }
 }

@@ -10,6 +10,7 @@ use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTI
 use http::{HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
+use crate::core::format::write_ascii_json_string;
 use crate::core::{Consumer, Entry, RateLimitFields, Refusal};
 
 pub type Body = Full<Bytes>;
@@ -27,7 +28,10 @@ pub fn allow(consumer: &Consumer, entry: &Arc<Entry>) -> Response<Body> {
 /// The answer to a refusal (SPEC §4): its status, its JSON message, and the headers it needs.
 pub fn refuse(refusal: &Refusal) -> Response<Body> {
     let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::FORBIDDEN);
-    let body = serde_json::json!({ "message": refusal.message() }).to_string();
+    // Escaped: a message may carry the client's own text (a model name).
+    let mut body = String::from("{\"message\":");
+    write_ascii_json_string(&mut body, &refusal.message());
+    body.push('}');
     let mut response = json(status, body);
     let headers = response.headers_mut();
     match status {

@@ -1,7 +1,10 @@
-//! Request routing and the endpoints: `/auth`, `/api/user-metadata`, `/api/tdl-matrix`, health,
-//! readiness and metrics.
+//! Request routing and the endpoints: `/auth`, `/auth-body`, `/api/user-metadata`,
+//! `/api/tdl-matrix`, health, readiness and metrics.
 //!
-//! Only the request head is used; no body is ever read (nginx may announce one and send nothing).
+//! Only `/auth-body` reads a body (SPEC §8.3, through [`super::body`]); everywhere else only the
+//! request head is used (nginx may announce a body and send nothing). `/auth` and `/auth-body` run
+//! the same head-level checks and the same counting; the body checks sit between them (SPEC §4
+//! step 6).
 //! A decision awaits nothing on the hot path: the key is usually answered from the in-process cache,
 //! and only `sync` counting waits for Redis (bounded by the command timeout). Each endpoint returns
 //! `Result<Response, Refusal>`; [`answer::refuse`] is the one place a refusal becomes an answer.
@@ -13,15 +16,17 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::request::Parts;
-use http::{Method, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Method, Response, StatusCode};
+use hyper::body::Incoming;
 
 use super::answer::{self, Body};
+use super::body::BodyReader;
 use subtle::ConstantTimeEq;
 
 use crate::core::decide::{Catalog, RouteMatch};
 use crate::core::format::write_ascii_json_string;
 use crate::core::request::{AuthRequest, KeyPresence, ReadRules, read_api, read_auth};
-use crate::core::{Consumer, Forbidden, Refusal, authorize, presented_key};
+use crate::core::{Consumer, Entry, Forbidden, Refusal, authorize, presented_key};
 use crate::lookup::{Resolution, Resolver};
 use crate::metrics::{Endpoint, Metrics, Outcome};
 use crate::quota::Quotas;
@@ -30,6 +35,8 @@ use crate::store::RedisStore;
 use crate::tdl::TdlCounters;
 
 const API_METHODS: &str = "GET, POST, OPTIONS";
+/// The input tokens `/auth-body` counted, on its 200.
+const INPUT_TOKENS: HeaderName = HeaderName::from_static("x-user-input-tokens");
 const PROBE_METHODS: &str = "GET, HEAD";
 
 /// Everything a request can reach.
@@ -50,16 +57,21 @@ pub struct App {
     pub sync_wait: Duration,
     /// The `/readyz` latch: seed copies written, not shutting down (see [`Readiness`]).
     pub ready: Arc<Readiness>,
+    /// `/auth-body`'s body bounds and budget (`[auth]`).
+    pub body: BodyReader,
 }
 
 impl App {
-    /// Answers one request from its head.
-    pub async fn respond(&self, request: &Parts) -> Response<Body> {
+    /// Answers one request; only `/auth-body` reads `body`.
+    pub async fn respond(&self, request: &Parts, body: Incoming) -> Response<Body> {
         let started = Instant::now();
         let path = request.uri.path();
-        let (endpoint, outcome, response) = if path == "/auth" || path.starts_with("/auth/") {
+        let (endpoint, outcome, response) = if under(path, "/auth") {
             let (outcome, response) = answered(self.auth(request).await);
             (Endpoint::Auth, outcome, response)
+        } else if under(path, "/auth-body") {
+            let (outcome, response) = answered(self.auth_body(request, body).await);
+            (Endpoint::AuthBody, outcome, response)
         } else {
             match path {
                 "/api/user-metadata" => self.api(request, Endpoint::UserMetadata).await,
@@ -98,14 +110,7 @@ impl App {
 
     /// `/auth`: the checks of SPEC §4 in their order, then the count.
     async fn auth(&self, parts: &Parts) -> Result<Response<Body>, Refusal> {
-        let request = read_auth(
-            &parts.uri,
-            &parts.method,
-            &parts.headers,
-            "/auth",
-            &self.rules,
-        )?;
-        self.check_gateway(&request)?;
+        let request = self.read(parts, "/auth")?;
         // A guard, not a clone: bumping the shared reference count on every request would bounce
         // its cache line between the worker threads.
         let catalog = self.catalog.load();
@@ -115,6 +120,52 @@ impl App {
         let key = request.key(&catalog.policy.key_auths(&routes));
         let consumer = self.consumer(&catalog, &key).await?;
         let entry = authorize(&catalog.policy, &consumer, &request, &routes)?;
+        self.allow(&consumer, entry, &request).await
+    }
+
+    /// `/auth-body` (SPEC §8.3): `/auth`'s checks (the same lines: `/auth` keeps borrowing where
+    /// this one must own), the body's at step 6, then the same count.
+    async fn auth_body(&self, parts: &Parts, body: Incoming) -> Result<Response<Body>, Refusal> {
+        let request = self.read(parts, "/auth-body")?;
+        // Owned, so that no catalog guard is held while the body arrives.
+        let (consumer, entry) = {
+            let catalog = self.catalog.load();
+            let routes = catalog
+                .policy
+                .route_match(&request.original, request.route_name);
+            let key = request.key(&catalog.policy.key_auths(&routes));
+            let consumer = self.consumer(&catalog, &key).await?;
+            let entry = authorize(&catalog.policy, &consumer, &request, &routes)?.clone();
+            (Arc::clone(&consumer), entry)
+        };
+        let tokens = self.body.check(&parts.headers, body, &entry).await?;
+        let mut response = self.allow(&consumer, &entry, &request).await?;
+        response
+            .headers_mut()
+            .insert(INPUT_TOKENS, HeaderValue::from(tokens));
+        Ok(response)
+    }
+
+    /// SPEC §4 step 1: the request as read from `endpoint`'s shape, from a known gateway.
+    fn read<'p>(&self, parts: &'p Parts, endpoint: &str) -> Result<AuthRequest<'p>, Refusal> {
+        let request = read_auth(
+            &parts.uri,
+            &parts.method,
+            &parts.headers,
+            endpoint,
+            &self.rules,
+        )?;
+        self.check_gateway(&request)?;
+        Ok(request)
+    }
+
+    /// SPEC §4 steps 7-9: the quota, the count, the allow answer.
+    async fn allow(
+        &self,
+        consumer: &Consumer,
+        entry: &Arc<Entry>,
+        request: &AuthRequest<'_>,
+    ) -> Result<Response<Body>, Refusal> {
         // The last check (SPEC §4 steps 7-8): only a call that is allowed takes quota.
         let rate_limit = match entry
             .fields
@@ -135,7 +186,7 @@ impl App {
             let _ = tokio::time::timeout(self.sync_wait, stored).await;
         }
         tracing::debug!(consumer = %consumer.username, entry = %entry.id, path = %request.original.path, "allow");
-        let mut response = answer::allow(&consumer, entry);
+        let mut response = answer::allow(consumer, entry);
         if let Some(fields) = &rate_limit {
             answer::rate_limit_fields(&mut response, fields);
         }
@@ -279,6 +330,12 @@ impl App {
         };
         answer::json(status, body)
     }
+}
+
+/// `endpoint` itself or a path below it (`/auth/...`, not `/authx`).
+fn under(path: &str, endpoint: &str) -> bool {
+    path.strip_prefix(endpoint)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// A decision's result as its metrics outcome and its answer.

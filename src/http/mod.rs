@@ -7,6 +7,7 @@
 //! dropped.
 
 pub mod answer;
+pub mod body;
 mod conn;
 pub mod handlers;
 
@@ -68,9 +69,9 @@ pub async fn serve(
         let service = service_fn(move |request: hyper::Request<Incoming>| {
             let in_flight = tracked.begin();
             async move {
-                // The body is dropped unread: the decision needs only the head.
-                let (parts, _body) = request.into_parts();
-                Ok::<_, Infallible>(in_flight.respond(&parts).await)
+                // Only `/auth-body` reads the body; everywhere else it is dropped unread.
+                let (parts, body) = request.into_parts();
+                Ok::<_, Infallible>(in_flight.respond(&parts, body).await)
             }
         });
         let io = TokioIo::new(admitted.watch(stream));

@@ -22,7 +22,7 @@ use crate::core::text::Text;
 use crate::core::{Consumer, Entry, EntryFields, KeyHash, MetadataList};
 use crate::problem::Problem;
 
-const ENTRY_FIELDS: [&str; 10] = [
+const ENTRY_FIELDS: [&str; 11] = [
     "id",
     "provider_name",
     "tags",
@@ -33,6 +33,7 @@ const ENTRY_FIELDS: [&str; 10] = [
     "input_cost_per_token",
     "output_cost_per_token",
     "limits",
+    "models",
 ];
 
 const LIMIT_FIELDS: [&str; 6] = [
@@ -1165,6 +1166,10 @@ fn entry(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Entry> {
         Some(n) => limits(ctx, n, &join(path, "limits")),
         None => Some(None),
     };
+    let models = match optional(map, "models") {
+        Some(n) => models(ctx, n, &join(path, "models")).map(Some),
+        None => Some(None),
+    };
     let fields = EntryFields {
         id: id?,
         provider_name: provider_name?,
@@ -1176,6 +1181,7 @@ fn entry(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Entry> {
         input_cost_per_token: input_cost_per_token?,
         output_cost_per_token: output_cost_per_token?,
         limits: limits?,
+        models: models?,
     };
     Entry::new(fields)
         .map_err(|e| ctx.report(line, path, e.to_string()))
@@ -1262,6 +1268,39 @@ fn slot_number(key: &str) -> Option<usize> {
     key.strip_prefix('T')
         .and_then(|n| n.parse::<usize>().ok())
         .filter(|n| (1..=SLOTS).contains(n) && key == format!("T{n}"))
+}
+
+/// An entry's `models` (SPEC §8.3): at least one name, each visible ASCII with `*` only as its
+/// last character (a trailing wildcard). An empty list is refused rather than read as "no model":
+/// leave the field out to admit any model.
+fn models(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Vec<String>> {
+    let items = ctx.seq(node, path)?;
+    if items.is_empty() {
+        ctx.report(
+            node.line,
+            path,
+            "must name at least one model (leave the field out to allow any model)",
+        );
+        return None;
+    }
+    let models: Vec<Option<String>> = items
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let item_path = index(path, i);
+            let name = ctx.text(n, &item_path, Text::Visible)?;
+            if name.find('*').is_some_and(|at| at + 1 != name.len()) {
+                ctx.report(
+                    n.line,
+                    &item_path,
+                    "`*` may only be the last character (a trailing wildcard)",
+                );
+                return None;
+            }
+            Some(name)
+        })
+        .collect();
+    models.into_iter().collect()
 }
 
 fn tags(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Vec<String>> {
@@ -1439,5 +1478,56 @@ mod tests {
             Some(999_999_999_999_999_000_000_000_000)
         );
         assert_eq!(limits.cost_per_day.unwrap().to_units(12), Some(1));
+    }
+
+    #[test]
+    fn models_are_kept_and_written_in_the_entry_json() {
+        let entry = entry_with(", models: [gpt-4o, \"gpt-4.1*\", \"*\"]");
+        assert_eq!(
+            entry.fields.models.as_deref(),
+            Some(&["gpt-4o".to_owned(), "gpt-4.1*".to_owned(), "*".to_owned()][..])
+        );
+        assert!(
+            entry
+                .json()
+                .ends_with(r#","models":["gpt-4o","gpt-4.1*","*"]}"#),
+            "{}",
+            entry.json()
+        );
+        assert!(entry_with(", models: null").fields.models.is_none());
+        assert_eq!(entry_with(", models: null").json(), entry_with("").json());
+    }
+
+    #[test]
+    fn invalid_models_are_refused_with_their_path() {
+        for (extra, path, reason) in [
+            (", models: []", "models", "must name at least one model"),
+            (", models: [\"gpt 4o\"]", "models[0]", "visible ASCII"),
+            (", models: [\"\"]", "models[0]", "must not be empty"),
+            (
+                ", models: [a, \"g*t\"]",
+                "models[1]",
+                "only be the last character",
+            ),
+            (
+                ", models: [\"**\"]",
+                "models[0]",
+                "only be the last character",
+            ),
+            (", models: [1]", "models[0]", "expected a string"),
+            (", models: gpt-4o", "models", "expected a list"),
+        ] {
+            let text = format!(
+                "consumers:\n  - username: u\n    plugins:\n      - name: user-metadata\n        config:\n          metadata_list:\n            - {{id: e, provider_name: p, tdl_matrix: {MATRIX}, capabilities: [1], max_input_tokens: 1, max_output_tokens: 1, input_cost_per_token: 0, output_cost_per_token: 0{extra}}}\n"
+            );
+            let problems = super::super::parse_text(&text, "t.yaml").unwrap_err();
+            let want = format!("consumers[0].plugins[0].config.metadata_list[0].{path}");
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.path == want && p.reason.contains(reason)),
+                "{extra}: {problems:?}"
+            );
+        }
     }
 }

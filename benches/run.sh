@@ -4,6 +4,7 @@
 # headers fixed in memory, no lookup, no counting). Prints one table.
 #
 # Usage: benches/run.sh
+# Scenario 11 posts bodies to /auth-body (benches/body.lua).
 # Environment: DURATION (per wrk run, default 5s), ROUNDS (hot path vs ceiling, alternating, default
 # 3), CONNECTIONS (default 32), SEED_CONSUMERS (scenario 7, default 100000).
 # Needs wrk, redis-server, redis-cli, nginx, curl (installed from Debian's packages when run as root).
@@ -239,6 +240,50 @@ limited_cmds=$(redis_stat all) limited_evalsha=$(redis_stat evalsha)
 row "10 limited entry (10M/day), far from the limit" "$LIMITED" "$(ratio "$LIMITED" "$CEILING")" "$limited_p50" "$limited_p99" \
     "$(ratio "$LIMITED" "$UNLIMITED") × unlimited hot path ($UNLIMITED, same rounds; target >= 0.9)"
 kill "$PID_limited"
+
+# --- 11: /auth-body with a chat body ----------------------------------------------------------------
+# The hot path's consumer and entry, the body read, parsed and counted (o200k_base): a 4 KB chat
+# body (about 1000 tokens, counted on the runtime thread) in rounds alternating with /auth on the
+# same service, then the same with a new text on every call (no count cache hit: the BPE's cost),
+# then a 100 KB body (counted on a blocking thread). Target: 4 KB >= 0.5 × /auth.
+chat_body() { # FILE BYTES: a chat completion request whose user message fills about BYTES
+    local LC_ALL=C # ${#text} in bytes
+    local sentence='The quick brown fox jumps over the lazy dog; 안녕하세요, 믿음 모델입니다. fn main() { x += 1; } '
+    local text=''
+    while ((${#text} < $2)); do text+="$sentence"; done
+    printf '{"model":"gpt-4o","max_tokens":1000,"messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"%s"}]}' \
+        "$text" >"$1"
+}
+chat_body "$WORK/body-4k.json" 3900
+chat_body "$WORK/body-100k.json" 98000
+body_run() { BODY_FILE=$2 KEY=$KEY URI=$URI UNIQUE=${3:-0} wrk_run "$CONNECTIONS" "http://127.0.0.1:$1/auth-body" -s benches/body.lua; }
+tokens=$(curl -s -D - -o /dev/null -X POST -H "apikey: $KEY" -H "X-Forwarded-Uri: $URI" -H 'Content-Type: application/json' \
+    --data-binary "@$WORK/body-4k.json" "http://127.0.0.1:$PORT_async/auth-body" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-user-input-tokens" { print $2 }')
+[[ -n $tokens ]] || die "scenario 11: /auth-body does not allow the 4 KB body"
+tokens_100k=$(curl -s -D - -o /dev/null -X POST -H "apikey: $KEY" -H "X-Forwarded-Uri: $URI" -H 'Content-Type: application/json' \
+    --data-binary "@$WORK/body-100k.json" "http://127.0.0.1:$PORT_async/auth-body" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-user-input-tokens" { print $2 }')
+[[ -n $tokens_100k ]] || die "scenario 11: /auth-body does not allow the 100 KB body"
+body_run "$PORT_async" "$WORK/body-4k.json" >/dev/null
+body_rps=() auth_rps=()
+for round in $(seq 1 "$ROUNDS"); do
+    read -r rps p50 p99 n bad < <(body_run "$PORT_async" "$WORK/body-4k.json")
+    [[ $bad == 0 ]] || die "scenario 11: $bad failed requests"
+    body_rps+=("$rps") body_p50=$p50 body_p99=$p99
+    read -r rps p50 p99 n bad < <(hot "$PORT_async")
+    auth_rps+=("$rps")
+done
+BODY=$(echo "${body_rps[@]}" | median)
+AUTH=$(echo "${auth_rps[@]}" | median)
+row "11 /auth-body, 4 KB chat body ($tokens tokens)" "$BODY" "$(ratio "$BODY" "$CEILING")" "$body_p50" "$body_p99" \
+    "$(ratio "$BODY" "$AUTH") × /auth ($AUTH, same rounds; target >= 0.5); the same body: counts cached"
+read -r rps p50 p99 n bad < <(body_run "$PORT_async" "$WORK/body-4k.json" 1)
+[[ $bad == 0 ]] || die "scenario 11: $bad failed requests (new texts)"
+row "11 /auth-body, 4 KB, a new text every call" "$rps" "$(ratio "$rps" "$CEILING")" "$p50" "$p99" \
+    "$(ratio "$rps" "$AUTH") × /auth; every count a cache miss"
+read -r rps p50 p99 n bad < <(body_run "$PORT_async" "$WORK/body-100k.json")
+[[ $bad == 0 ]] || die "scenario 11: $bad failed requests (100 KB)"
+row "11 /auth-body, 100 KB body ($tokens_100k tokens)" "$rps" "$(ratio "$rps" "$CEILING")" "$p50" "$p99" \
+    "$(ratio "$rps" "$AUTH") × /auth; counted on a blocking thread"
 
 # --- 9: a Kong file's placements, as nginx asks ------------------------------------------------------
 # 1000 routes under a service with acl + key-auth and a global acl (the route table is hashed past 32

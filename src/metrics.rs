@@ -230,7 +230,9 @@ impl Metrics {
         // Only combinations that can happen are shown, so `/metrics` has no dead series.
         let possible = |e: usize, o: usize| match ENDPOINTS[e] {
             Endpoint::Other => o == served,
-            Endpoint::Auth | Endpoint::AuthBody => o != served,
+            // The body checks' refusals happen on /auth-body only.
+            Endpoint::Auth => o != served && !(o > 0 && Refusal::is_body_label(o - 1)),
+            Endpoint::AuthBody => o != served,
             Endpoint::UserMetadata | Endpoint::TdlMatrix => true,
         };
         self.requests

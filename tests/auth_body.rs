@@ -581,4 +581,7 @@ fn an_allowed_body_call_counts_in_the_tdl_matrix_like_auth() {
     ] {
         assert!(metrics.contains(series), "{series}\n{metrics}");
     }
+    // /auth never gives a body refusal: no dead series for it.
+    assert!(metrics.contains("uma_requests_total{endpoint=\"auth\",decision=\"allow\"} 1"));
+    assert!(!metrics.contains("endpoint=\"auth\",decision=\"busy\""));
 }

@@ -145,6 +145,12 @@ impl Refusal {
         }
     }
 
+    /// Whether the label at `index` can only come from `/auth-body`'s body checks (so `/auth`
+    /// shows no series for it).
+    pub fn is_body_label(index: usize) -> bool {
+        (Refusal::BodyTooLarge.label_index()..=Refusal::Busy.label_index()).contains(&index)
+    }
+
     /// 403 for `model` (shortened to a bounded length: the answer echoes the client's text).
     pub fn model_not_allowed(model: &str) -> Refusal {
         let mut end = model.len().min(MAX_ECHOED_MODEL);
@@ -262,5 +268,17 @@ mod tests {
         assert_eq!(Refusal::BadBody(BadBody::NotJson).label(), "bad_body");
         // Every variant has its own label, in the order of LABELS.
         assert_eq!(Refusal::Busy.label_index(), Refusal::LABELS.len() - 1);
+        assert!(Refusal::is_body_label(Refusal::BodyTooLarge.label_index()));
+        assert!(Refusal::is_body_label(Refusal::Busy.label_index()));
+        assert!(!Refusal::is_body_label(
+            Refusal::RateLimited(Box::new(RateLimitedBy {
+                retry_after: 1,
+                fields: RateLimitFields {
+                    policy: String::new(),
+                    state: String::new()
+                }
+            }))
+            .label_index()
+        ));
     }
 }

@@ -29,6 +29,11 @@ fn global_list() -> String {
     format!("  - name: user-metadata\n    config: {{metadata_list: [{ENTRY}]}}\n")
 }
 
+/// A service on `seed(rest)` with the global list appended (`rest` ends inside top-level `plugins:`).
+fn served(rest: &str) -> Service {
+    Service::with_files("", &seed(&format!("{rest}{}", global_list())))
+}
+
 fn status(service: &Service, key: &str, uri: &str) -> u16 {
     service
         .get("/auth", &[("apikey", key), ("X-Forwarded-Uri", uri)])
@@ -65,14 +70,12 @@ fn assert_refused(seed_text: &str, path: &str, reason: &str) {
 
 #[test]
 fn a_service_acl_covers_its_nested_and_top_level_routes() {
-    let service = Service::with_files(
-        "",
-        &seed(&format!(
-            "services:
+    let service = served(
+        "services:
   - name: openai
     plugins:
       - name: acl
-        config: {{allow: [vip]}}
+        config: {allow: [vip]}
     routes:
       - name: nested
         paths: [/nested]
@@ -83,9 +86,7 @@ routes:
   - name: free
     paths: [/free]
 plugins:
-{}",
-            global_list()
-        )),
+",
     );
     assert_eq!(status(&service, "ka", "/nested/chat"), 403);
     assert_eq!(status(&service, "ka", "/attached"), 403);
@@ -95,10 +96,8 @@ plugins:
 
 #[test]
 fn top_level_plugins_scoped_by_name_or_id() {
-    let service = Service::with_files(
-        "",
-        &seed(&format!(
-            "services:
+    let service = served(
+        "services:
   - name: svc
     id: svc-0001
     routes:
@@ -113,16 +112,14 @@ routes:
 plugins:
   - name: acl
     route: by-name
-    config: {{allow: [vip]}}
+    config: {allow: [vip]}
   - name: acl
-    route: {{id: route-0002}}
-    config: {{deny: [basic]}}
+    route: {id: route-0002}
+    config: {deny: [basic]}
   - name: acl
     service: svc-0001
-    config: {{allow: [vip]}}
-{}",
-            global_list()
-        )),
+    config: {allow: [vip]}
+",
     );
     for uri in ["/n", "/i", "/s"] {
         assert_eq!(status(&service, "ka", uri), 403, "{uri}");
@@ -132,14 +129,12 @@ plugins:
 
 #[test]
 fn a_global_acl_covers_every_route_and_unrouted_uris_with_kong_precedence() {
-    let service = Service::with_files(
-        "",
-        &seed(&format!(
-            "services:
+    let service = served(
+        "services:
   - name: svc
     plugins:
       - name: acl
-        config: {{allow: [basic]}}
+        config: {allow: [basic]}
     routes:
       - name: service-wins
         paths: [/svc]
@@ -147,22 +142,20 @@ fn a_global_acl_covers_every_route_and_unrouted_uris_with_kong_precedence() {
         paths: [/route]
         plugins:
           - name: acl
-            config: {{allow: [vip]}}
+            config: {allow: [vip]}
       - name: disabled
         paths: [/disabled]
         plugins:
           - name: acl
             enabled: false
-            config: {{allow: [nobody]}}
+            config: {allow: [nobody]}
 routes:
   - name: plain
     paths: [/plain]
 plugins:
   - name: acl
-    config: {{allow: [vip]}}
-{}",
-            global_list()
-        )),
+    config: {allow: [vip]}
+",
     );
     // Global: routes without their own, and URIs no route matches.
     assert_eq!(status(&service, "ka", "/plain"), 403);
@@ -180,13 +173,11 @@ plugins:
 
 #[test]
 fn top_level_credentials_and_groups_name_their_consumer() {
-    let service = Service::with_files(
-        "",
-        &seed(&format!(
-            "keyauth_credentials:
+    let service = served(
+        "keyauth_credentials:
   - consumer: alice
     key: alice-second-key
-  - consumer: {{id: 11111111-aaaa}}
+  - consumer: {id: 11111111-aaaa}
     key: alice-third-key
 acls:
   - consumer: alice
@@ -196,11 +187,9 @@ routes:
     paths: [/vip]
     plugins:
       - name: acl
-        config: {{allow: [vip]}}
+        config: {allow: [vip]}
 plugins:
-{}",
-            global_list()
-        )),
+",
     );
     for key in ["ka", "alice-second-key", "alice-third-key"] {
         let r = service.get("/auth", &[("apikey", key), ("X-Forwarded-Uri", "/vip")]);
@@ -212,19 +201,15 @@ plugins:
 
 #[test]
 fn key_auth_key_names_and_locations_are_honoured() {
-    let service = Service::with_files(
-        "",
-        &seed(&format!(
-            "routes:
+    let service = served(
+        "routes:
   - name: token
     paths: [/token]
     plugins:
       - name: key-auth
-        config: {{key_names: [X-Token], key_in_query: false}}
+        config: {key_names: [X-Token], key_in_query: false}
 plugins:
-{}",
-            global_list()
-        )),
+",
     );
     let call = |headers: &[(&str, &str)], uri: &str| {
         let mut all = vec![("X-Forwarded-Uri", uri)];
@@ -242,23 +227,19 @@ plugins:
 
 #[test]
 fn hosts_choose_routes_but_never_remove_an_acl() {
-    let service = Service::with_files(
-        "",
-        &seed(&format!(
-            "routes:
+    let service = served(
+        "routes:
   - name: internal
     hosts: [\"*.internal.example\"]
     paths: [/v1]
     plugins:
       - name: acl
-        config: {{allow: [vip]}}
+        config: {allow: [vip]}
   - name: public
     hosts: [api.example.com]
     paths: [/v1]
 plugins:
-{}",
-            global_list()
-        )),
+",
     );
     let call = |host: Option<&str>| {
         let mut headers = vec![("apikey", "ka"), ("X-Forwarded-Uri", "/v1/chat")];
@@ -276,19 +257,15 @@ plugins:
 
 #[test]
 fn regex_paths_are_honoured() {
-    let service = Service::with_files(
-        "",
-        &seed(&format!(
-            "routes:
+    let service = served(
+        "routes:
   - name: versioned
     paths: [\"~/v[0-9]+/chat\"]
     plugins:
       - name: acl
-        config: {{allow: [vip]}}
+        config: {allow: [vip]}
 plugins:
-{}",
-            global_list()
-        )),
+",
     );
     assert_eq!(status(&service, "ka", "/v2/chat"), 403);
     assert_eq!(status(&service, "ka", "/V17/Chat/x"), 403);

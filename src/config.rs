@@ -34,6 +34,7 @@ pub struct Settings {
     pub server: ServerSettings,
     pub auth: AuthSettings,
     pub limits: LimitsSettings,
+    pub usage: UsageSettings,
     pub capabilities: CapabilitiesSettings,
     pub log: LogSettings,
     pub routes: Vec<RouteSettings>,
@@ -132,6 +133,34 @@ pub enum OnRedisDown {
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsSettings {
     pub on_redis_down: OnRedisDown,
+}
+
+/// `POST /usage` and the budgets it feeds (SPEC §9).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UsageSettings {
+    /// The bearer token `POST /usage` needs; unset (or empty), the endpoint answers 404.
+    pub token: Option<String>,
+    /// How long a request id is remembered; older records are refused.
+    pub dedup_hours: u64,
+    /// Largest `POST /usage` body read.
+    pub max_body_bytes: u64,
+    /// Records kept in memory while Redis cannot take them; past it they are dropped (counted).
+    pub max_pending_records: u64,
+    /// How often each replica re-reads, from Redis, the totals its budgets are checked against.
+    pub budget_refresh_ms: u64,
+}
+
+impl Default for UsageSettings {
+    fn default() -> Self {
+        UsageSettings {
+            token: None,
+            dedup_hours: 6,
+            max_body_bytes: 8 << 20,
+            max_pending_records: 1_000_000,
+            budget_refresh_ms: 250,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -248,6 +277,7 @@ impl Default for Settings {
             server: ServerSettings::default(),
             auth: AuthSettings::default(),
             limits: LimitsSettings::default(),
+            usage: UsageSettings::default(),
             capabilities: CapabilitiesSettings::default(),
             log: LogSettings::default(),
             routes: Vec::new(),
@@ -437,6 +467,15 @@ pub mod bounds {
         Bound::new("server.shutdown_grace_ms", 1, HOUR_MS, "1 hour");
     /// A body is held in memory whole while it is inspected; 1 GiB is far past any prompt.
     pub const AUTH_MAX_BODY_BYTES: Bound = Bound::new("auth.max_body_bytes", 1, 1 << 30, "1 GiB");
+    /// A week of request ids is already a large set per busy consumer (README sizes it).
+    pub const USAGE_DEDUP_HOURS: Bound = Bound::new("usage.dedup_hours", 1, 168, "1 week");
+    /// 1000 Kong log objects with their headers fit well within 256 MiB.
+    pub const USAGE_MAX_BODY_BYTES: Bound =
+        Bound::new("usage.max_body_bytes", 1024, 256 << 20, "256 MiB");
+    pub const USAGE_MAX_PENDING_RECORDS: Bound =
+        Bound::new("usage.max_pending_records", 1, 100_000_000, "");
+    /// Budgets must be seen within a second on every replica (SPEC §9).
+    pub const USAGE_BUDGET_REFRESH_MS: Bound = Bound::new("usage.budget_refresh_ms", 10, 1000, "");
     pub const AUTH_BODY_TIMEOUT_MS: Bound =
         Bound::new("auth.body_timeout_ms", 1, HOUR_MS, "1 hour");
     /// The memory all bodies being read may take together; 16 GiB is more than a pod should hold.
@@ -444,7 +483,7 @@ pub mod bounds {
         Bound::new("auth.max_body_bytes_in_flight", 1, 16 << 30, "16 GiB");
 
     /// Every numeric setting, in config/default.toml order (README's range table lists them all).
-    pub const ALL: [Bound; 23] = [
+    pub const ALL: [Bound; 27] = [
         REDIS_CACHE_TTL_SECS,
         REDIS_POOL_SIZE,
         REDIS_CONNECT_TIMEOUT_MS,
@@ -468,6 +507,10 @@ pub mod bounds {
         AUTH_MAX_BODY_BYTES,
         AUTH_BODY_TIMEOUT_MS,
         AUTH_MAX_BODY_BYTES_IN_FLIGHT,
+        USAGE_DEDUP_HOURS,
+        USAGE_MAX_BODY_BYTES,
+        USAGE_MAX_PENDING_RECORDS,
+        USAGE_BUDGET_REFRESH_MS,
     ];
 }
 
@@ -794,6 +837,7 @@ impl Settings {
         // An empty value (e.g. `UMA_AUTH__GATEWAY_SECRET=` in a manifest) means "not set".
         self.auth.gateway_secret = self.auth.gateway_secret.filter(|s| !s.is_empty());
         self.auth.default_uri = self.auth.default_uri.filter(|s| !s.is_empty());
+        self.usage.token = self.usage.token.filter(|s| !s.is_empty());
         let mut checker = Checker {
             origins,
             problems: Vec::new(),
@@ -805,6 +849,7 @@ impl Settings {
         check_cache(&mut checker, &self.cache);
         check_server(&mut checker, &self.server);
         check_auth(&mut checker, &self.auth);
+        check_usage(&mut checker, &self.usage);
         check_log(&mut checker, &self.log);
         let capability_names = check_capabilities(&mut checker, &self.capabilities);
         let routes = check_routes(&mut checker, &self.routes, &capability_names);
@@ -942,6 +987,19 @@ fn check_auth(c: &mut Checker, auth: &AuthSettings) {
             "auth.gateway_secret",
             "must be printable ASCII without leading or trailing spaces".into(),
         );
+    }
+}
+
+fn check_usage(c: &mut Checker, usage: &UsageSettings) {
+    c.range(bounds::USAGE_DEDUP_HOURS, usage.dedup_hours);
+    c.range(bounds::USAGE_MAX_BODY_BYTES, usage.max_body_bytes);
+    c.range(bounds::USAGE_MAX_PENDING_RECORDS, usage.max_pending_records);
+    c.range(bounds::USAGE_BUDGET_REFRESH_MS, usage.budget_refresh_ms);
+    // Compared with an `Authorization` header value; never printed.
+    if let Some(token) = &usage.token
+        && !token.bytes().all(|b| b.is_ascii_graphic())
+    {
+        c.report("usage.token", "must be visible ASCII without spaces".into());
     }
 }
 

@@ -10,6 +10,8 @@
 //! - `tdl` counts allowed calls per time slot, exactly once; `clock` is its injectable time source.
 //! - `http` serves it all (connections in `http::conn`, answers in `http::answer`); `metrics` and
 //!   `request_stats` are what Prometheus scrapes; `logging` sets up tracing.
+//! - `usage` keeps what `POST /usage` records (exact sums, once per request id) and the budgets
+//!   `/auth` checks against them; `quota` keeps the request limits.
 //! - `tokenizer` counts `/auth-body`'s input tokens (o200k_base) in linear time.
 //! - `service` wires the pieces; `cli` is what the binary runs.
 
@@ -29,3 +31,4 @@ pub mod service;
 pub mod store;
 pub mod tdl;
 pub mod tokenizer;
+pub mod usage;

@@ -165,6 +165,19 @@ impl Resolver {
         }
     }
 
+    /// The consumer named `username` (for a usage record): an operator's record in Redis wins,
+    /// then the seed; the seed alone while Redis cannot be asked.
+    pub async fn consumer_named(
+        &self,
+        catalog: &Catalog,
+        username: &str,
+    ) -> Result<Option<Arc<Consumer>>, StoreError> {
+        match &self.store {
+            Some(store) if store.is_up() => self.consumer(store, catalog, username, None).await,
+            _ => Ok(catalog.by_name.get(username).cloned()),
+        }
+    }
+
     async fn ask_redis(
         &self,
         store: &Arc<RedisStore>,

@@ -47,6 +47,8 @@ pub enum Endpoint {
     AuthBody,
     UserMetadata,
     TdlMatrix,
+    ApiUsage,
+    Usage,
     Other,
 }
 
@@ -64,6 +66,8 @@ impl Endpoint {
             Endpoint::AuthBody => "auth_body",
             Endpoint::UserMetadata => "user_metadata",
             Endpoint::TdlMatrix => "tdl_matrix",
+            Endpoint::ApiUsage => "api_usage",
+            Endpoint::Usage => "usage",
             Endpoint::Other => "other",
         }
     }
@@ -108,6 +112,8 @@ const ENDPOINTS: [Endpoint; crate::request_stats::ENDPOINTS] = [
     Endpoint::AuthBody,
     Endpoint::UserMetadata,
     Endpoint::TdlMatrix,
+    Endpoint::ApiUsage,
+    Endpoint::Usage,
     Endpoint::Other,
 ];
 
@@ -233,7 +239,8 @@ impl Metrics {
             // The body checks' refusals happen on /auth-body only.
             Endpoint::Auth => o != served && !(o > 0 && Refusal::is_body_label(o - 1)),
             Endpoint::AuthBody => o != served,
-            Endpoint::UserMetadata | Endpoint::TdlMatrix => true,
+            Endpoint::UserMetadata | Endpoint::TdlMatrix | Endpoint::ApiUsage => true,
+            Endpoint::Usage => true,
         };
         self.requests
             .render_requests(&mut out, &endpoints, &outcomes, possible);

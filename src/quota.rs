@@ -28,11 +28,9 @@ use tokio::sync::Notify;
 use crate::clock::Clock;
 use crate::config::OnRedisDown;
 use crate::core::limits::Limits;
-use crate::core::quota::{
-    Standing, WindowLimit, lease_size, policy_field, request_windows, retry_after, state_field,
-};
+use crate::core::quota::{Standing, WindowLimit, lease_size, request_windows};
 use crate::core::window::{Window, WindowId};
-use crate::core::{RateLimitFields, RateLimitedBy, Refusal};
+use crate::core::{RateLimitedBy, Refusal};
 use crate::store::{QuotaReply, RedisStore, StoreError, keys};
 
 type HashMap<K, V> = hashbrown::HashMap<K, V, FxBuildHasher>;
@@ -269,13 +267,13 @@ impl Quotas {
 
     /// Takes one call from every request limit of `limits` for (consumer, entry), or refuses it:
     /// 429 with the windows that refused, or 503 with `on_redis_down = "deny"` while Redis is down.
-    /// On success returns the RateLimit fields of the answer.
+    /// On success returns the windows' standings, for the answer's RateLimit fields.
     pub async fn take(
         self: &Arc<Self>,
         consumer: &Arc<str>,
         entry: &Arc<str>,
         limits: &Limits,
-    ) -> Result<RateLimitFields, Refusal> {
+    ) -> Result<Vec<Standing>, Refusal> {
         // Each turn either decides or waits for a lease that is on its way (the store's timeout
         // and breaker bound each); under contention others are being served meanwhile.
         let deadline = tokio::time::Instant::now() + DECIDE_WITHIN;
@@ -302,6 +300,32 @@ impl Quotas {
         }
         // Leases kept coming back without quota settling: cannot decide.
         Err(Refusal::Unavailable)
+    }
+
+    /// The request windows' standings without taking a call, for an answer another limit refused:
+    /// what this replica knows (a window it has not counted in yet shows its whole limit).
+    pub fn peek(&self, consumer: &str, entry: &str, limits: &Limits) -> Vec<Standing> {
+        let now = self.clock.now();
+        let windows = request_windows(limits, now, &self.zone);
+        let state = self.lock();
+        let quota = state.entries.get(&EntryKeyRef { consumer, entry });
+        windows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, limit)| {
+                let limit = (*limit)?;
+                let remaining = quota
+                    .and_then(|q| q.windows[i].as_ref())
+                    .filter(|w| w.window.id == limit.window.id)
+                    .map_or(limit.limit, |w| w.remaining(self.mode(w, now)));
+                Some(Standing {
+                    member: limit.window.kind.name(),
+                    limit,
+                    remaining,
+                    refused: false,
+                })
+            })
+            .collect()
     }
 
     fn try_take(&self, consumer: &Arc<str>, entry: &Arc<str>, limits: &Limits) -> Attempt {
@@ -369,7 +393,7 @@ impl Quotas {
                 prefetch.push(request);
             }
         }
-        Attempt::Done(Ok(fields(quota, &verdicts, now)), prefetch)
+        Attempt::Done(Ok(standings(quota, &verdicts)), prefetch)
     }
 
     /// The leases the windows that lack quota need; if one is already on its way, wait for it.
@@ -540,7 +564,7 @@ impl Quotas {
 
 enum Attempt {
     /// Decided; with leases to take ahead of need.
-    Done(Result<RateLimitFields, Refusal>, Vec<Request>),
+    Done(Result<Vec<Standing>, Refusal>, Vec<Request>),
     Send(Vec<Request>),
     /// A lease for this entry is on its way; the generation seen when it was.
     Wait(u64),
@@ -584,6 +608,7 @@ fn standings(quota: &EntryQuota, verdicts: &[Option<(Verdict, Mode)>; 3]) -> Vec
         .filter_map(|(w, v)| {
             let (w, (verdict, mode)) = (w.as_ref()?, v.as_ref()?);
             Some(Standing {
+                member: w.window.kind.name(),
                 limit: w.limit(),
                 remaining: w.remaining(*mode),
                 refused: matches!(verdict, Verdict::Refuse),
@@ -592,33 +617,18 @@ fn standings(quota: &EntryQuota, verdicts: &[Option<(Verdict, Mode)>; 3]) -> Vec
         .collect()
 }
 
-fn fields(
-    quota: &EntryQuota,
-    verdicts: &[Option<(Verdict, Mode)>; 3],
-    now: Timestamp,
-) -> RateLimitFields {
-    let standings = standings(quota, verdicts);
-    RateLimitFields {
-        policy: policy_field(&standings),
-        state: state_field(&standings, now),
-    }
-}
-
 fn refusal(quota: &EntryQuota, verdicts: &[Option<(Verdict, Mode)>; 3], now: Timestamp) -> Refusal {
-    let standings = standings(quota, verdicts);
-    Refusal::RateLimited(Box::new(RateLimitedBy {
-        retry_after: retry_after(&standings, now),
-        fields: RateLimitFields {
-            policy: policy_field(&standings),
-            state: state_field(&standings, now),
-        },
-    }))
+    Refusal::RateLimited(Box::new(RateLimitedBy::of(
+        &standings(quota, verdicts),
+        now,
+    )))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use crate::core::RateLimitFields;
     use crate::core::limits::SlotLimit;
 
     fn ts(s: &str) -> Timestamp {
@@ -668,7 +678,8 @@ mod tests {
             ..Limits::default()
         };
         let (c, e) = names();
-        let first = quotas.take(&c, &e, &limits).await.unwrap();
+        let now = ts("2026-12-01T10:00:30Z");
+        let first = RateLimitFields::of(&quotas.take(&c, &e, &limits).await.unwrap(), now);
         assert_eq!(
             first.policy,
             r#""minute";q=2;w=60, "slot";q=3;w=7200, "day";q=4;w=86400"#
@@ -689,7 +700,8 @@ mod tests {
         );
         // A refused call took nothing: the next minute has the slot's last call.
         clock.set(ts("2026-12-01T10:01:00Z"));
-        let third = quotas.take(&c, &e, &limits).await.unwrap();
+        let now = ts("2026-12-01T10:01:00Z");
+        let third = RateLimitFields::of(&quotas.take(&c, &e, &limits).await.unwrap(), now);
         assert!(third.state.contains(r#""slot";r=0;"#), "{}", third.state);
         let Err(Refusal::RateLimited(by)) = quotas.take(&c, &e, &limits).await else {
             panic!("the slot's fourth call must be refused");

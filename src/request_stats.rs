@@ -12,7 +12,7 @@ use std::time::Duration;
 
 /// Enough for the worker threads of a sidecar; more threads share shards (still correct).
 const SHARDS: usize = 16;
-pub const ENDPOINTS: usize = 5;
+pub const ENDPOINTS: usize = 7;
 /// Allowed, each refusal label, served (see `metrics::Outcome`).
 pub const OUTCOMES: usize = crate::core::Refusal::LABELS.len() + 2;
 
@@ -153,7 +153,7 @@ mod tests {
         let mut out = String::new();
         stats.render_requests(
             &mut out,
-            &["auth", "b", "c", "d", "e"],
+            &["auth", "b", "c", "d", "e", "f", "g"],
             &std::array::from_fn(|i| ["allow", "no_key"].get(i).copied().unwrap_or("x")),
             |e, o| e == 0 && o < 2,
         );
@@ -164,7 +164,7 @@ mod tests {
         assert!(out.contains("uma_requests_total{endpoint=\"auth\",decision=\"no_key\"} 3\n"));
         assert!(!out.contains("endpoint=\"b\""));
         let mut out = String::new();
-        stats.render_latency(&mut out, &["auth", "b", "c", "d", "e"]);
+        stats.render_latency(&mut out, &["auth", "b", "c", "d", "e", "f", "g"]);
         let bucket = |le: &str| {
             format!("uma_request_duration_seconds_bucket{{endpoint=\"auth\",le=\"{le}\"}} ")
         };

@@ -29,6 +29,7 @@ use crate::quota::Quotas;
 use crate::seed;
 use crate::store::RedisStore;
 use crate::tdl::TdlCounters;
+use crate::usage::UsageBook;
 
 /// Loads the seed (at `seed_path`, or the config's) and indexes it with the config routes.
 pub fn load_catalog(loaded: &Loaded, seed_path: Option<&Path>) -> Result<Catalog, Vec<Problem>> {
@@ -213,6 +214,14 @@ pub fn build_app(
         settings.limits.on_redis_down,
     ));
     tokio::spawn(quotas.clone().run_upkeep());
+    let usage = Arc::new(UsageBook::new(
+        &settings.usage,
+        settings.tdl.retention_days,
+        loaded.timezone.clone(),
+        clock.clone(),
+        store.clone(),
+        settings.limits.on_redis_down,
+    ));
     let counters = Arc::new(TdlCounters::new(
         loaded.timezone.clone(),
         clock,
@@ -250,6 +259,9 @@ pub fn build_app(
                 require_max_tokens: settings.auth.require_max_tokens,
             },
         ),
+        usage: usage.clone(),
+        usage_token: settings.usage.token.as_ref().map(|t| t.as_bytes().into()),
+        usage_max_body: settings.usage.max_body_bytes,
     });
     // Built off the start path: the first /auth-body call waits for it only if it comes first.
     crate::tokenizer::warm_up();
@@ -265,11 +277,13 @@ pub fn build_app(
             ready.clone(),
             stopped.clone(),
         );
+        tokio::spawn(usage.clone().run_writer(stopped.clone()));
         tokio::spawn(counters.clone().run_flusher(stopped));
     }
     let background = Background {
         stop,
         counters,
+        usage,
         ready,
         final_flush: Duration::from_millis(settings.tdl.shutdown_flush_ms),
     };
@@ -346,16 +360,21 @@ pub fn spawn_seed_copies(
 pub struct Background {
     stop: watch::Sender<bool>,
     counters: Arc<TdlCounters>,
+    usage: Arc<UsageBook>,
     ready: Arc<Readiness>,
     final_flush: Duration,
 }
 
 impl Background {
-    /// Stops the flusher and writes what is pending (trying for at most `tdl.shutdown_flush_ms`).
+    /// Stops the writers and writes what is pending, counters and usage records side by side
+    /// (each trying for at most `tdl.shutdown_flush_ms`).
     pub async fn stop(self) {
         self.ready.begin_shutdown();
         let _ = self.stop.send(true);
-        self.counters.final_flush(self.final_flush).await;
+        tokio::join!(
+            self.counters.final_flush(self.final_flush),
+            self.usage.final_flush(self.final_flush)
+        );
     }
 }
 

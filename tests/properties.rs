@@ -64,6 +64,7 @@ fn fields() -> EntryFields {
         output_cost_per_token: Decimal::ZERO,
         limits: None,
         models: None,
+        cache_read_input_token_cost: None,
     }
 }
 

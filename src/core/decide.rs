@@ -261,6 +261,21 @@ impl Policy {
             )
     }
 
+    /// The entry `id` a usage record for `consumer` is attributed to (SPEC §9): one the consumer can
+    /// be given — in its own list when it has one, else in a seed route's list or the global one.
+    /// Validation makes an id identical in every route and global list, so its price is the same
+    /// whichever list is found first.
+    pub fn usage_entry<'a>(&'a self, consumer: &'a Consumer, id: &str) -> Option<&'a Arc<Entry>> {
+        if let Some(own) = &consumer.metadata {
+            return own.find(id);
+        }
+        self.seed_routes
+            .routes()
+            .filter_map(|r| r.metadata.as_ref())
+            .chain(self.global.as_ref())
+            .find_map(|l| l.find(id))
+    }
+
     /// Lists that describe an entry id shown by `/api/tdl-matrix` (SPEC §6): the consumer's own,
     /// then the seed routes' in seed order, then the global one.
     pub fn describing_lists<'a>(

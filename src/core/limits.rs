@@ -48,6 +48,13 @@ impl Limits {
             || self.requests_per_day.is_some()
     }
 
+    /// Whether any token or cost budget is set: those are checked against recorded usage (§9).
+    pub fn has_budgets(&self) -> bool {
+        self.tokens_per_day.is_some()
+            || self.cost_per_day.is_some()
+            || self.cost_per_month.is_some()
+    }
+
     /// The limits as the JSON object of the seed's shape (for records and `/api/user-metadata`).
     pub fn write_json(&self, out: &mut String) {
         let mut fields: Vec<String> = Vec::new();

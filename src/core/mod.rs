@@ -22,10 +22,11 @@ pub mod refusal;
 pub mod request;
 pub mod routes;
 pub mod text;
+pub mod usage;
 pub mod window;
 
 pub use decide::{Catalog, Policy, authorize, presented_key};
 pub use decimal::Decimal;
 pub use key::KeyHash;
 pub use model::{Consumer, Entry, EntryFields, METADATA_HEADER_NAMES, MetadataList};
-pub use refusal::{BadBody, Forbidden, RateLimitFields, RateLimitedBy, Refusal};
+pub use refusal::{BadBody, Forbidden, MAX_USAGE_RECORDS, RateLimitFields, RateLimitedBy, Refusal};

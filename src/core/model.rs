@@ -56,6 +56,9 @@ pub struct EntryFields {
     pub max_output_tokens: u64,
     pub input_cost_per_token: Decimal,
     pub output_cost_per_token: Decimal,
+    /// SPEC §9 (LiteLLM's name): the price of a cached input token; `None` prices cache reads as
+    /// any other input token. Not a header: the seed document's headers stay as they are.
+    pub cache_read_input_token_cost: Option<Decimal>,
     /// SPEC §8.1; `None` when the entry has no `limits` block.
     pub limits: Option<Limits>,
     /// SPEC §8.3: the model names `/auth-body` admits (`*` as a trailing wildcard); `None` admits
@@ -251,6 +254,10 @@ fn entry_json(fields: &EntryFields, tdl_json: &Bytes, capabilities: &HeaderValue
     fields.input_cost_per_token.write_plain(&mut out);
     out.push_str(",\"output_cost_per_token\":");
     fields.output_cost_per_token.write_plain(&mut out);
+    if let Some(price) = &fields.cache_read_input_token_cost {
+        out.push_str(",\"cache_read_input_token_cost\":");
+        price.write_plain(&mut out);
+    }
     if let Some(limits) = &fields.limits {
         out.push_str(",\"limits\":");
         limits.write_json(&mut out);
@@ -397,6 +404,7 @@ pub(crate) mod tests {
             output_cost_per_token: Decimal::parse("0.0000002").unwrap(),
             limits: None,
             models: None,
+            cache_read_input_token_cost: None,
         }
     }
 

@@ -12,6 +12,8 @@ use jiff::Timestamp;
 use jiff::tz::TimeZone;
 
 use super::limits::Limits;
+use super::refusal::{RateLimitFields, RateLimitedBy};
+use super::usage::Amount;
 use super::window::{Window, WindowId, WindowKind};
 
 /// Request windows, in the order their RateLimit members are written.
@@ -53,6 +55,9 @@ pub fn request_windows(
 /// A window's standing after a decision: for the RateLimit fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Standing {
+    /// The RateLimit member name (`minute` … `cost-month`).
+    pub member: &'static str,
+    /// `q`; for a cost, the limit rounded down to whole units of the price.
     pub limit: WindowLimit,
     /// What remains (never negative).
     pub remaining: u64,
@@ -68,7 +73,7 @@ pub fn policy_field(standings: &[Standing]) -> String {
         let _ = write!(
             out,
             "{sep}\"{}\";q={};w={}",
-            s.limit.window.kind.name(),
+            s.member,
             structured_integer(s.limit.limit),
             s.limit.window.length_secs().max(1)
         );
@@ -84,7 +89,7 @@ pub fn state_field(standings: &[Standing], now: Timestamp) -> String {
         let _ = write!(
             out,
             "{sep}\"{}\";r={};t={}",
-            s.limit.window.kind.name(),
+            s.member,
             structured_integer(s.remaining),
             s.limit.window.secs_until_end(now)
         );
@@ -101,6 +106,101 @@ pub fn retry_after(standings: &[Standing], now: Timestamp) -> u64 {
         .max()
         .unwrap_or(1)
         .max(1)
+}
+
+/// What a consumer spent on an entry in the windows budgets count (SPEC §8.1, as recorded by §9).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spent {
+    pub tokens_day: u64,
+    pub cost_day: Amount,
+    pub cost_month: Amount,
+}
+
+/// The token and cost budgets of `limits` and where `spent` leaves them, in member order
+/// (`tokens-day`, `cost-day`, `cost-month`). A budget refuses once what was recorded reaches it;
+/// for costs `q` and `r` are whole units of the price, rounded down.
+pub fn budget_standings(
+    limits: &Limits,
+    spent: &Spent,
+    now: Timestamp,
+    zone: &TimeZone,
+) -> Vec<Standing> {
+    let day = || Window::of(WindowKind::Day, now, zone);
+    let mut out = Vec::new();
+    if let Some(limit) = limits.tokens_per_day {
+        out.push(Standing {
+            member: "tokens-day",
+            limit: WindowLimit {
+                window: day(),
+                limit,
+            },
+            remaining: limit.saturating_sub(spent.tokens_day),
+            refused: spent.tokens_day >= limit,
+        });
+    }
+    let costs = [
+        (
+            "cost-day",
+            &limits.cost_per_day,
+            spent.cost_day,
+            WindowKind::Day,
+        ),
+        (
+            "cost-month",
+            &limits.cost_per_month,
+            spent.cost_month,
+            WindowKind::Month,
+        ),
+    ];
+    for (member, limit, spent, kind) in costs {
+        let Some(limit) = limit else { continue };
+        let limit = Amount::of(limit);
+        out.push(Standing {
+            member,
+            limit: WindowLimit {
+                window: Window::of(kind, now, zone),
+                limit: limit.whole_units(),
+            },
+            remaining: limit.saturating_sub(spent).whole_units(),
+            refused: spent >= limit,
+        });
+    }
+    out
+}
+
+impl RateLimitFields {
+    pub fn of(standings: &[Standing], now: Timestamp) -> RateLimitFields {
+        RateLimitFields {
+            policy: policy_field(standings),
+            state: state_field(standings, now),
+        }
+    }
+
+    /// These fields with `more` members after them.
+    pub fn extended(mut self, more: &[Standing], now: Timestamp) -> RateLimitFields {
+        if more.is_empty() {
+            return self;
+        }
+        let sep = |s: &String| if s.is_empty() { "" } else { ", " };
+        self.policy = format!("{}{}{}", self.policy, sep(&self.policy), policy_field(more));
+        self.state = format!(
+            "{}{}{}",
+            self.state,
+            sep(&self.state),
+            state_field(more, now)
+        );
+        self
+    }
+}
+
+impl RateLimitedBy {
+    /// A 429 for these standings: `Retry-After` from those that refused.
+    pub fn of(standings: &[Standing], now: Timestamp) -> RateLimitedBy {
+        RateLimitedBy {
+            retry_after: retry_after(standings, now),
+            fields: RateLimitFields::of(standings, now),
+        }
+    }
 }
 
 /// Structured-field integers have at most 15 digits.
@@ -132,6 +232,7 @@ mod tests {
             .into_iter()
             .flatten()
             .map(|limit| Standing {
+                member: limit.window.kind.name(),
                 remaining: limit.limit.saturating_sub(used),
                 refused: used >= limit.limit,
                 limit,

@@ -38,6 +38,13 @@ pub enum Refusal {
     /// 429: a request limit of the chosen entry is reached (SPEC §8.1); carries the answer's
     /// `Retry-After` and RateLimit fields.
     RateLimited(Box<RateLimitedBy>),
+    /// 429: a token or cost budget of the chosen entry is used up by recorded usage (SPEC §8.1,
+    /// §9); carries the same fields as [`Refusal::RateLimited`].
+    BudgetExceeded(Box<RateLimitedBy>),
+    /// 401 (`POST /usage`, SPEC §9): no bearer token, or not `usage.token`.
+    UsageToken,
+    /// 400 (`POST /usage`): an array of more than [`MAX_USAGE_RECORDS`] records.
+    TooManyRecords,
     /// 413 (`/auth-body`, SPEC §8.3): the body is larger than `auth.max_body_bytes`, or the
     /// gateway says it sent only part of it (`x-envoy-auth-partial-body: true`).
     BodyTooLarge,
@@ -55,6 +62,9 @@ pub enum Refusal {
     /// 503: the bodies being read already reserve `auth.max_body_bytes_in_flight`.
     Busy,
 }
+
+/// The most records one `POST /usage` may carry (SPEC §9; Kong's largest batches fit).
+pub const MAX_USAGE_RECORDS: usize = 1000;
 
 /// Why a body answered 400.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +108,7 @@ pub enum Forbidden {
 
 impl Refusal {
     /// Every metrics label, in the order [`Refusal::label_index`] numbers them.
-    pub const LABELS: [&'static str; 15] = [
+    pub const LABELS: [&'static str; 18] = [
         "bad_request",
         "unknown_gateway",
         "duplicate_key",
@@ -114,6 +124,9 @@ impl Refusal {
         "output_tokens",
         "input_tokens",
         "busy",
+        "budget_exceeded",
+        "usage_token",
+        "too_many_records",
     ];
 
     /// The `decision` label of `uma_requests_total`.
@@ -142,6 +155,9 @@ impl Refusal {
             Refusal::OutputTokens(_) => 12,
             Refusal::InputTokens { .. } => 13,
             Refusal::Busy => 14,
+            Refusal::BudgetExceeded(_) => 15,
+            Refusal::UsageToken => 16,
+            Refusal::TooManyRecords => 17,
         }
     }
 
@@ -149,6 +165,16 @@ impl Refusal {
     /// shows no series for it).
     pub fn is_body_label(index: usize) -> bool {
         (Refusal::BodyTooLarge.label_index()..=Refusal::Busy.label_index()).contains(&index)
+    }
+
+    /// A 429's windows, and which kind of limit refused (`X-Uma-Limit`: `requests` or `budget`, so
+    /// a gateway that rebuilds the body, as nginx must, can say which).
+    pub fn limited_by(&self) -> Option<(&RateLimitedBy, &'static str)> {
+        match self {
+            Refusal::RateLimited(by) => Some((by, "requests")),
+            Refusal::BudgetExceeded(by) => Some((by, "budget")),
+            _ => None,
+        }
     }
 
     /// 403 for `model` (shortened to a bounded length: the answer echoes the client's text).
@@ -179,6 +205,9 @@ impl Refusal {
             Refusal::InvalidKey => "Invalid authentication credentials",
             Refusal::Forbidden(_) => "You cannot consume this service",
             Refusal::RateLimited(_) => "API rate limit exceeded",
+            Refusal::BudgetExceeded(_) => "Usage budget exceeded",
+            Refusal::UsageToken => "Invalid usage token",
+            Refusal::TooManyRecords => "Too many records (at most 1000)",
             Refusal::BodyTooLarge => "Request body too large",
             Refusal::BodyTimeout => "Request body not received",
             Refusal::BadBody(BadBody::NotJson) => "Request body is not valid JSON",
@@ -209,18 +238,20 @@ impl Refusal {
             | Refusal::InvalidRequest
             | Refusal::ConflictingRequest
             | Refusal::ConflictingMetadataId
-            | Refusal::BadBody(_) => 400,
+            | Refusal::BadBody(_)
+            | Refusal::TooManyRecords => 400,
             Refusal::UnknownGateway
             | Refusal::DuplicateKey
             | Refusal::NoKey
-            | Refusal::InvalidKey => 401,
+            | Refusal::InvalidKey
+            | Refusal::UsageToken => 401,
             Refusal::Forbidden(_)
             | Refusal::MissingCapability(_)
             | Refusal::ModelNotAllowed(_)
             | Refusal::OutputTokens(_) => 403,
             Refusal::BodyTimeout => 408,
             Refusal::BodyTooLarge | Refusal::InputTokens { .. } => 413,
-            Refusal::RateLimited(_) => 429,
+            Refusal::RateLimited(_) | Refusal::BudgetExceeded(_) => 429,
             Refusal::Unavailable | Refusal::Busy => 503,
         }
     }
@@ -267,7 +298,13 @@ mod tests {
         assert_eq!(Refusal::BodyTimeout.status(), 408);
         assert_eq!(Refusal::BadBody(BadBody::NotJson).label(), "bad_body");
         // Every variant has its own label, in the order of LABELS.
-        assert_eq!(Refusal::Busy.label_index(), Refusal::LABELS.len() - 1);
+        assert_eq!(
+            Refusal::TooManyRecords.label_index(),
+            Refusal::LABELS.len() - 1
+        );
+        assert_eq!(Refusal::UsageToken.message(), "Invalid usage token");
+        assert_eq!(Refusal::UsageToken.status(), 401);
+        assert_eq!(Refusal::TooManyRecords.status(), 400);
         assert!(Refusal::is_body_label(Refusal::BodyTooLarge.label_index()));
         assert!(Refusal::is_body_label(Refusal::Busy.label_index()));
         assert!(!Refusal::is_body_label(

@@ -16,6 +16,7 @@ use crate::core::{Consumer, Entry, RateLimitFields, Refusal};
 pub type Body = Full<Bytes>;
 
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+const BEARER_REALM: HeaderValue = HeaderValue::from_static("Bearer realm=\"user-metadata-auth\"");
 const KEY_REALM: HeaderValue = HeaderValue::from_static("Key realm=\"user-metadata-auth\"");
 
 /// 200 with the twelve metadata headers and an empty body (keeps nginx and Caddy connections alive).
@@ -35,6 +36,9 @@ pub fn refuse(refusal: &Refusal) -> Response<Body> {
     let mut response = json(status, body);
     let headers = response.headers_mut();
     match status {
+        StatusCode::UNAUTHORIZED if *refusal == Refusal::UsageToken => {
+            headers.insert(WWW_AUTHENTICATE, BEARER_REALM);
+        }
         StatusCode::UNAUTHORIZED => {
             headers.insert(WWW_AUTHENTICATE, KEY_REALM);
         }
@@ -43,7 +47,11 @@ pub fn refuse(refusal: &Refusal) -> Response<Body> {
         }
         _ => {}
     }
-    if let Refusal::RateLimited(by) = refusal {
+    if let Some((by, kind)) = refusal.limited_by() {
+        headers.insert(
+            HeaderName::from_static("x-uma-limit"),
+            HeaderValue::from_static(kind),
+        );
         if let Ok(seconds) = HeaderValue::from_str(&by.retry_after.to_string()) {
             headers.insert(RETRY_AFTER, seconds);
         }

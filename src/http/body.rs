@@ -113,7 +113,11 @@ impl BodyReader {
 
 /// The body's bytes, refused as too large as soon as they pass `max`. A body that fails to arrive
 /// (the client went away, a broken chunked encoding) was not received.
-async fn collect(mut body: Incoming, max: u64, announced: Option<u64>) -> Result<Bytes, Refusal> {
+pub(super) async fn collect(
+    mut body: Incoming,
+    max: u64,
+    announced: Option<u64>,
+) -> Result<Bytes, Refusal> {
     let max = usize::try_from(max).unwrap_or(usize::MAX);
     let expected = announced.map_or(8192, |n| usize::try_from(n).unwrap_or(max));
     let mut first: Option<Bytes> = None;

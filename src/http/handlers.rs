@@ -1,5 +1,6 @@
 //! Request routing and the endpoints: `/auth`, `/auth-body`, `/api/user-metadata`,
-//! `/api/tdl-matrix`, health, readiness and metrics.
+//! `/api/tdl-matrix`, health, readiness and metrics (`/usage` and `/api/usage` in
+//! [`super::usage`]).
 //!
 //! Only `/auth-body` reads a body (SPEC §8.3, through [`super::body`]); everywhere else only the
 //! request head is used (nginx may announce a body and send nothing). `/auth` and `/auth-body` run
@@ -25,14 +26,18 @@ use subtle::ConstantTimeEq;
 
 use crate::core::decide::{Catalog, RouteMatch};
 use crate::core::format::write_ascii_json_string;
+use crate::core::limits::Limits;
 use crate::core::request::{AuthRequest, KeyPresence, ReadRules, read_api, read_auth};
-use crate::core::{Consumer, Entry, Forbidden, Refusal, authorize, presented_key};
+use crate::core::{
+    Consumer, Entry, Forbidden, RateLimitFields, RateLimitedBy, Refusal, authorize, presented_key,
+};
 use crate::lookup::{Resolution, Resolver};
 use crate::metrics::{Endpoint, Metrics, Outcome};
 use crate::quota::Quotas;
 use crate::service::Readiness;
 use crate::store::RedisStore;
 use crate::tdl::TdlCounters;
+use crate::usage::UsageBook;
 
 const API_METHODS: &str = "GET, POST, OPTIONS";
 /// The input tokens `/auth-body` counted, on its 200.
@@ -59,6 +64,12 @@ pub struct App {
     pub ready: Arc<Readiness>,
     /// `/auth-body`'s body bounds and budget (`[auth]`).
     pub body: BodyReader,
+    /// Usage records and the token and cost budgets (SPEC §9, §8.1).
+    pub usage: Arc<UsageBook>,
+    /// `usage.token`: `POST /usage` needs it as a bearer token; `None` turns the endpoint off.
+    pub usage_token: Option<Box<[u8]>>,
+    /// `usage.max_body_bytes`.
+    pub usage_max_body: u64,
 }
 
 impl App {
@@ -76,6 +87,16 @@ impl App {
             match path {
                 "/api/user-metadata" => self.api(request, Endpoint::UserMetadata).await,
                 "/api/tdl-matrix" => self.api(request, Endpoint::TdlMatrix).await,
+                "/api/usage" => self.api(request, Endpoint::ApiUsage).await,
+                "/usage" if request.method == Method::POST => {
+                    let (outcome, response) = answered(self.ingest(request, body).await);
+                    (Endpoint::Usage, outcome, response)
+                }
+                "/usage" => (
+                    Endpoint::Usage,
+                    Outcome::Served,
+                    answer::method_not_allowed("POST"),
+                ),
                 "/healthz" => probe(request, || {
                     answer::json(StatusCode::OK, &br#"{"status":"ok"}"#[..])
                 }),
@@ -167,17 +188,8 @@ impl App {
         request: &AuthRequest<'_>,
     ) -> Result<Response<Body>, Refusal> {
         // The last check (SPEC §4 steps 7-8): only a call that is allowed takes quota.
-        let rate_limit = match entry
-            .fields
-            .limits
-            .as_ref()
-            .filter(|l| l.has_request_limits())
-        {
-            Some(limits) => Some(
-                self.quotas
-                    .take(&consumer.username, &entry.id, limits)
-                    .await?,
-            ),
+        let rate_limit = match &entry.fields.limits {
+            Some(limits) => Some(self.limits(consumer, entry, limits).await?),
             None => None,
         };
         if let Some(stored) = self.counters.record(&consumer.username, &entry.id) {
@@ -191,6 +203,48 @@ impl App {
             answer::rate_limit_fields(&mut response, fields);
         }
         Ok(response)
+    }
+
+    /// SPEC §8.1: budgets first (reading them takes nothing), then the request quota, so a call a
+    /// budget refuses takes no quota. Either 429 lists every configured limit.
+    async fn limits(
+        &self,
+        consumer: &Consumer,
+        entry: &Arc<Entry>,
+        limits: &Limits,
+    ) -> Result<RateLimitFields, Refusal> {
+        let budgets = if limits.has_budgets() {
+            self.usage
+                .budgets(&consumer.username, &entry.id, limits)
+                .await?
+        } else {
+            Vec::new()
+        };
+        let now = self.usage.now();
+        if budgets.iter().any(|s| s.refused) {
+            let mut standings = self.quotas.peek(&consumer.username, &entry.id, limits);
+            standings.extend(budgets);
+            return Err(Refusal::BudgetExceeded(Box::new(RateLimitedBy::of(
+                &standings, now,
+            ))));
+        }
+        let requests = if limits.has_request_limits() {
+            match self
+                .quotas
+                .take(&consumer.username, &entry.id, limits)
+                .await
+            {
+                Ok(standings) => standings,
+                Err(Refusal::RateLimited(mut by)) => {
+                    by.fields = by.fields.extended(&budgets, now);
+                    return Err(Refusal::RateLimited(by));
+                }
+                Err(other) => return Err(other),
+            }
+        } else {
+            Vec::new()
+        };
+        Ok(RateLimitFields::of(&requests, now).extended(&budgets, now))
     }
 
     /// `auth.gateway_secret`: compared in constant time, so timing tells nothing about it.
@@ -243,6 +297,7 @@ impl App {
         }
         let body = match endpoint {
             Endpoint::TdlMatrix => self.tdl_matrix_json(&catalog, &consumer, &routes).await,
+            Endpoint::ApiUsage => self.usage_json(&catalog, &consumer, &routes, parts).await?,
             _ => catalog
                 .policy
                 .applicable_list(&consumer, &routes)

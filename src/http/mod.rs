@@ -10,6 +10,7 @@ pub mod answer;
 pub mod body;
 mod conn;
 pub mod handlers;
+mod usage;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -22,7 +22,7 @@ use crate::core::text::Text;
 use crate::core::{Consumer, Entry, EntryFields, KeyHash, MetadataList};
 use crate::problem::Problem;
 
-const ENTRY_FIELDS: [&str; 11] = [
+const ENTRY_FIELDS: [&str; 12] = [
     "id",
     "provider_name",
     "tags",
@@ -32,6 +32,7 @@ const ENTRY_FIELDS: [&str; 11] = [
     "max_output_tokens",
     "input_cost_per_token",
     "output_cost_per_token",
+    "cache_read_input_token_cost",
     "limits",
     "models",
 ];
@@ -356,11 +357,50 @@ pub fn parse_document(
         }
         seed.global_acl = plugins.global.acl.map(|(acl, _)| acl);
         seed.global_key_auth = plugins.global.key_auth.map(|(k, _)| k);
+        check_shared_entry_ids(&mut ctx, &seed);
     }
     if ctx.problems.is_empty() {
         Ok(seed)
     } else {
         Err(ctx.problems)
+    }
+}
+
+/// SPEC §9: an entry id in several route or global lists must be the same entry in all of them,
+/// so a usage record for a consumer without a list of its own has one price, whichever list the
+/// entry is found in.
+fn check_shared_entry_ids(ctx: &mut Ctx, seed: &SeedData) {
+    let lists = seed
+        .routes
+        .iter()
+        .filter_map(|(r, _)| Some((format!("route `{}`", r.name), r.metadata.as_ref()?)))
+        .chain(
+            seed.global
+                .iter()
+                .map(|l| ("the global list".to_owned(), l)),
+        );
+    let mut first: HashMap<String, (String, Arc<Entry>)> = HashMap::new();
+    let mut reported = std::collections::HashSet::new();
+    for (place, list) in lists {
+        for entry in list.entries() {
+            match first.get(&*entry.id) {
+                None => {
+                    first.insert(entry.id.to_string(), (place.clone(), entry.clone()));
+                }
+                Some((where_first, earlier))
+                    if earlier.json() != entry.json() && reported.insert(entry.id.clone()) =>
+                {
+                    let reason = format!(
+                        "entry `{}` of {place} differs from the one in {where_first}: an id in \
+                         several route or global lists must be identical in all of them (it \
+                         decides the price of usage records)",
+                        entry.id
+                    );
+                    ctx.report(0, "", reason);
+                }
+                Some(_) => {}
+            }
+        }
     }
 }
 
@@ -1162,6 +1202,12 @@ fn entry(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Entry> {
     };
     let input_cost_per_token = money("input_cost_per_token");
     let output_cost_per_token = money("output_cost_per_token");
+    let cache_read_input_token_cost = match optional(map, "cache_read_input_token_cost") {
+        Some(n) => ctx
+            .money(n, &join(path, "cache_read_input_token_cost"))
+            .map(Some),
+        None => Some(None),
+    };
     let limits = match get(map, "limits") {
         Some(n) => limits(ctx, n, &join(path, "limits")),
         None => Some(None),
@@ -1180,6 +1226,7 @@ fn entry(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Entry> {
         max_output_tokens: max_output_tokens?,
         input_cost_per_token: input_cost_per_token?,
         output_cost_per_token: output_cost_per_token?,
+        cache_read_input_token_cost: cache_read_input_token_cost?,
         limits: limits?,
         models: models?,
     };

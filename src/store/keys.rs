@@ -47,6 +47,53 @@ pub fn quota(username: &str, entry: &str, window: &crate::core::window::WindowId
     format!("uma:quota:{{{username}}}:{entry}:{}", window.key_suffix())
 }
 
+/// `uma:usage:{<username>}:<entry id>:<YYYY-MM-DD>` → hash of a day's usage sums (SPEC §9):
+/// `T<n>:i`, `T<n>:o` (tokens), `T<n>:c`, `T<n>:C` (cost in 10⁻¹² and in whole units) per slot, and
+/// the same under `d:` for the whole day.
+pub fn usage_day(username: &str, entry: &str, date: Date) -> String {
+    format!("uma:usage:{{{username}}}:{entry}:{date}")
+}
+
+/// The parts of [`usage_day`] around the entry id.
+pub fn usage_day_affixes(username: &str, date: Date) -> (String, String) {
+    (format!("uma:usage:{{{username}}}:"), format!(":{date}"))
+}
+
+/// `uma:usage-month:{<username>}:<entry id>:<YYYY-MM>` → hash `i`, `o`, `c`, `C`: the month of
+/// `date` (kept 13 months).
+pub fn usage_month(username: &str, entry: &str, date: Date) -> String {
+    format!("uma:usage-month:{{{username}}}:{entry}:{}", month(date))
+}
+
+/// The parts of [`usage_month`] around the entry id.
+pub fn usage_month_affixes(username: &str, date: Date) -> (String, String) {
+    (
+        format!("uma:usage-month:{{{username}}}:"),
+        format!(":{}", month(date)),
+    )
+}
+
+/// `uma:usage-entries:{<username>}:<YYYY-MM-DD>` → set of entry ids with records that day.
+pub fn usage_entries(username: &str, date: Date) -> String {
+    format!("uma:usage-entries:{{{username}}}:{date}")
+}
+
+/// `uma:usage-seen:{<username>}` → sorted set of request-id digests (16 bytes), scored by the
+/// time (ms) after which each may be forgotten less the dedup window.
+pub fn usage_seen(username: &str) -> String {
+    format!("uma:usage-seen:{{{username}}}")
+}
+
+/// `uma:usage-batch:{<username>}:<batch id>` → what the script answered for that batch, so a
+/// retry after a timeout gets the same answer (and changes nothing).
+pub fn usage_batch(username: &str, batch: &str) -> String {
+    format!("uma:usage-batch:{{{username}}}:{batch}")
+}
+
+fn month(date: Date) -> String {
+    format!("{:04}-{:02}", date.year(), date.month())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,6 +116,10 @@ mod tests {
         );
         assert_eq!(tdl_entries("u", d), "uma:tdl-entries:{u}:2026-11-27");
         assert_eq!(tdl_applied("u", "0a1b"), "uma:tdl-applied:{u}:0a1b");
+        assert_eq!(usage_day("u", "e", d), "uma:usage:{u}:e:2026-11-27");
+        assert_eq!(usage_month("u", "e", d), "uma:usage-month:{u}:e:2026-11");
+        let (prefix, suffix) = usage_month_affixes("u", d);
+        assert_eq!(format!("{prefix}e{suffix}"), usage_month("u", "e", d));
         let (prefix, suffix) = tdl_counter_affixes("u", d);
         assert_eq!(
             format!("{prefix}kt-midm-base{suffix}"),

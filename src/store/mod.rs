@@ -10,6 +10,9 @@
 
 pub mod keys;
 pub mod scripts;
+mod usage;
+
+pub use usage::{BatchOutcome, StoredDay, StoredRecord, StoredSpent, UsageBatch, UsageTtls};
 
 use std::future::Future;
 use std::sync::Arc;

@@ -181,3 +181,135 @@ if held ~= used then
 end
 return {used, tonumber(redis.call('HGET', KEYS[1], 'total') or '0')}
 ";
+
+/// Records one consumer's usage batch exactly once (SPEC §9).
+///
+/// KEYS[1] = the seen-id set; KEYS[2] = the batch's ledger; KEYS[3..] = the sums the records add
+/// to, their kinds in ARGV[8] (`d` day hash, `m` month hash, `s` the day's entry index). ARGV: now
+/// (ms), forget-before (ms), seen-set TTL, day TTL, month TTL, ledger TTL (seconds), record count,
+/// kinds; then per record: id digest, seen-at (ms), day / month / index key positions, entry id,
+/// slot (`T3`), input, output, cost in 10⁻¹², whole cost units. A record whose digest the set
+/// holds (or that came earlier in the batch) is a duplicate and adds nothing. Replies a string of
+/// `1` (applied) and `0` (duplicate) per record, which the ledger keeps: a retry of the same batch
+/// gets it back and writes nothing. A key of the wrong type is refused before any write.
+pub static APPLY_USAGE: Lua = Lua {
+    source: APPLY_USAGE_SOURCE,
+    script: LazyLock::new(|| Script::new(APPLY_USAGE_SOURCE)),
+};
+const APPLY_USAGE_SOURCE: &str = r"
+local done = redis.call('GET', KEYS[2])
+if done then return done end
+local kinds = ARGV[8]
+local function kind_of(k)
+  local c = string.sub(kinds, k - 2, k - 2)
+  if c == 's' then return 'set' end
+  return 'hash'
+end
+local function refuse(key, want)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= want then return {'refused', key, 'not a ' .. want} end
+end
+local bad = refuse(KEYS[1], 'zset')
+if bad then return bad end
+for k = 3, #KEYS do
+  bad = refuse(KEYS[k], kind_of(k))
+  if bad then return bad end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2])
+local n = tonumber(ARGV[7])
+local flags, sums, order, wholes, batch = {}, {}, {}, {}, {}
+local function add(k, f, v)
+  if v == 0 then return end
+  local t = sums[k]
+  if not t then
+    t = {}
+    sums[k] = t
+    order[#order + 1] = k
+  end
+  t[f] = (t[f] or 0) + v
+end
+for i = 0, n - 1 do
+  local a = 9 + i * 11
+  local id = ARGV[a]
+  if batch[id] or redis.call('ZSCORE', KEYS[1], id) then
+    flags[i + 1] = '0'
+  else
+    batch[id] = true
+    flags[i + 1] = '1'
+    redis.call('ZADD', KEYS[1], ARGV[a + 1], id)
+    local day, month, index = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+    local slot = ARGV[a + 6]
+    local input, output, pico = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9])
+    for _, p in ipairs({slot .. ':', 'd:'}) do
+      add(day, p .. 'i', input)
+      add(day, p .. 'o', output)
+      add(day, p .. 'c', pico)
+    end
+    add(month, 'i', input)
+    add(month, 'o', output)
+    add(month, 'c', pico)
+    local whole = ARGV[a + 10]
+    if whole ~= '0' then
+      wholes[#wholes + 1] = {day, slot .. ':C', whole}
+      wholes[#wholes + 1] = {day, 'd:C', whole}
+      wholes[#wholes + 1] = {month, 'C', whole}
+    end
+    redis.call('SADD', KEYS[index], ARGV[a + 5])
+  end
+end
+for _, k in ipairs(order) do
+  for f, v in pairs(sums[k]) do
+    local now = redis.call('HINCRBY', KEYS[k], f, string.format('%.0f', v))
+    if string.sub(f, -1) == 'c' and now >= 1000000000000 then
+      local carry = math.floor(now / 1000000000000)
+      redis.call('HINCRBY', KEYS[k], f, string.format('%.0f', -carry * 1000000000000))
+      redis.call('HINCRBY', KEYS[k], string.sub(f, 1, -2) .. 'C', string.format('%.0f', carry))
+    end
+  end
+end
+for _, w in ipairs(wholes) do
+  redis.call('HINCRBY', KEYS[w[1]], w[2], w[3])
+end
+for k = 3, #KEYS do
+  local ttl = ARGV[4]
+  if string.sub(kinds, k - 2, k - 2) == 'm' then ttl = ARGV[5] end
+  redis.call('EXPIRE', KEYS[k], ttl)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local out = table.concat(flags)
+redis.call('SET', KEYS[2], out, 'EX', ARGV[6])
+return out
+";
+
+/// Reads a consumer's usage sums for one date in one atomic step: the given entries and every
+/// other entry in the day's index, each with its day hash and its month hash.
+///
+/// KEYS[1] = the day's entry index. ARGV[1..4] = day-hash prefix and suffix, month-hash prefix and
+/// suffix around an entry id (all under the consumer's hash tag); ARGV[5..] = entry ids. Replies
+/// `[id, HGETALL day, HGETALL month, …]`.
+pub static READ_USAGE_SUMS: Lua = Lua {
+    source: READ_USAGE_SUMS_SOURCE,
+    script: LazyLock::new(|| Script::new(READ_USAGE_SUMS_SOURCE)),
+};
+const READ_USAGE_SUMS_SOURCE: &str = r"
+local ids, seen = {}, {}
+for i = 5, #ARGV do
+  if not seen[ARGV[i]] then
+    seen[ARGV[i]] = true
+    ids[#ids + 1] = ARGV[i]
+  end
+end
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if not seen[id] then
+    seen[id] = true
+    ids[#ids + 1] = id
+  end
+end
+local out = {}
+for _, id in ipairs(ids) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGETALL', ARGV[1] .. id .. ARGV[2])
+  out[#out + 1] = redis.call('HGETALL', ARGV[3] .. id .. ARGV[4])
+end
+return out
+";

@@ -12,6 +12,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::core::Refusal;
 use crate::core::decide::Catalog;
+use crate::core::usage::Amount;
 use crate::request_stats::RequestStats;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -196,6 +197,50 @@ fn describe_service_metrics() {
     gauge!("uma_tdl_pending_increments").set(0.0);
     gauge!("uma_redis_up").set(0.0);
     counter!("uma_http_connections_total").increment(0);
+    describe_counter!(
+        "uma_usage_records_total",
+        "Usage records posted to /usage, by result: accepted, duplicate, rejected"
+    );
+    describe_counter!(
+        "uma_usage_tokens_total",
+        "Tokens of accepted usage records, by direction: input, output"
+    );
+    describe_counter!(
+        "uma_usage_dropped_total",
+        "Usage records lost: the buffer for Redis was full, or they were not written by exit"
+    );
+    describe_gauge!(
+        "uma_usage_pending_records",
+        "Usage records waiting for Redis"
+    );
+    for result in ["accepted", "duplicate", "rejected"] {
+        counter!("uma_usage_records_total", "result" => result).increment(0);
+    }
+    for direction in ["input", "output"] {
+        counter!("uma_usage_tokens_total", "direction" => direction).increment(0);
+    }
+    counter!("uma_usage_dropped_total").increment(0);
+    gauge!("uma_usage_pending_records").set(0.0);
+}
+
+/// The cost of accepted usage records, in 10⁻¹² units: kept here because the `metrics` crate's
+/// counters are integers of 1, and rendered as a float counter (dashboards only; the exact figures
+/// are `/api/usage`'s).
+static USAGE_COST: std::sync::Mutex<u128> = std::sync::Mutex::new(0);
+
+pub fn count_usage_cost(amount: Amount) {
+    let mut total = USAGE_COST.lock().unwrap_or_else(|e| e.into_inner());
+    *total = total.saturating_add(amount.0);
+}
+
+fn render_usage_cost(out: &mut String) {
+    let total = *USAGE_COST.lock().unwrap_or_else(|e| e.into_inner());
+    out.push_str("# HELP uma_usage_cost_total Cost of accepted usage records, in the unit of the entries' prices (approximate)\n");
+    out.push_str("# TYPE uma_usage_cost_total counter\n");
+    out.push_str(&format!(
+        "uma_usage_cost_total {}\n",
+        Amount(total).approximate()
+    ));
 }
 
 /// Pre-registered handles.
@@ -245,6 +290,7 @@ impl Metrics {
         self.requests
             .render_requests(&mut out, &endpoints, &outcomes, possible);
         self.requests.render_latency(&mut out, &endpoints);
+        render_usage_cost(&mut out);
         out
     }
 }

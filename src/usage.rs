@@ -300,7 +300,6 @@ struct UsageMetrics {
     rejected: Counter,
     input_tokens: Counter,
     output_tokens: Counter,
-    cost: Gauge,
     dropped: Counter,
     waiting: Gauge,
 }
@@ -351,7 +350,6 @@ impl UsageBook {
                 rejected: counter!("uma_usage_records_total", "result" => "rejected"),
                 input_tokens: counter!("uma_usage_tokens_total", "direction" => "input"),
                 output_tokens: counter!("uma_usage_tokens_total", "direction" => "output"),
-                cost: gauge!("uma_usage_cost_total"),
                 dropped: counter!("uma_usage_dropped_total"),
                 waiting: gauge!("uma_usage_pending_records"),
             },
@@ -391,9 +389,7 @@ impl UsageBook {
                     self.metrics.accepted.increment(1);
                     self.metrics.input_tokens.increment(record.totals.input);
                     self.metrics.output_tokens.increment(record.totals.output);
-                    self.metrics
-                        .cost
-                        .increment(record.totals.cost.approximate());
+                    crate::metrics::count_usage_cost(record.totals.cost);
                 }
                 Counted::Duplicate => self.metrics.duplicates.increment(1),
             }

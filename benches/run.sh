@@ -4,7 +4,8 @@
 # headers fixed in memory, no lookup, no counting). Prints one table.
 #
 # Usage: benches/run.sh
-# Scenario 11 posts bodies to /auth-body (benches/body.lua).
+# Scenario 11 posts bodies to /auth-body (benches/body.lua), scenario 12 usage records to /usage
+# (benches/usage.lua); scenario 13 is the hot path of an entry with a cost budget.
 # Environment: DURATION (per wrk run, default 5s), ROUNDS (hot path vs ceiling, alternating, default
 # 3), CONNECTIONS (default 32), SEED_CONSUMERS (scenario 7, default 100000).
 # Needs wrk, redis-server, redis-cli, nginx, curl (installed from Debian's packages when run as root).
@@ -17,6 +18,8 @@ CONNECTIONS=${CONNECTIONS:-32}
 SEED_CONSUMERS=${SEED_CONSUMERS:-100000}
 KEY='user1-secret-key-12345'
 URI='/midm-base/chat'
+# /usage's bearer token (usage.token) for the services that take usage records (12, 13).
+USAGE_TOKEN="bench-usage-token-$RANDOM$RANDOM"
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 die() {
@@ -96,7 +99,8 @@ wrk_run() {
         $1 == "99%" { p99 = $2 }
         /Non-2xx or 3xx responses:/ { bad = $5 }
         /Socket errors/ { bad = bad "+socket" }
-        END { printf "%s %s %s %s %s\n", rps, p50, p99, n, (bad == "" ? 0 : bad) }'
+        /^usage answers without accepted/ { usage_bad = $NF } # benches/usage.lua only
+        END { printf "%s %s %s %s %s%s\n", rps, p50, p99, n, (bad == "" ? 0 : bad), (usage_bad == "" ? "" : " " usage_bad) }'
 }
 hot() { wrk_run "${2:-$CONNECTIONS}" "http://127.0.0.1:$1/auth" -H "apikey: $KEY" -H "X-Forwarded-Uri: $URI"; }
 median() { tr ' ' '\n' | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
@@ -285,6 +289,101 @@ read -r rps p50 p99 n bad < <(body_run "$PORT_async" "$WORK/body-100k.json")
 row "11 /auth-body, 100 KB body ($tokens_100k tokens)" "$rps" "$(ratio "$rps" "$CEILING")" "$p50" "$p99" \
     "$(ratio "$rps" "$AUTH") × /auth; counted on a blocking thread"
 
+# --- 12: usage ingest ---------------------------------------------------------------------------------
+# POST /usage with batches of 100 native records (benches/usage.lua: the hot path's consumer and
+# entry, a new request id for every record, no time), against Redis (seen ids and sums kept there,
+# shared by all replicas) and embedded (in process). A batch is checked with curl first: all 100
+# accepted; during the runs every answer must say so too. Target: >= 50,000 records/s against Redis.
+usage_batch() { # ID_PREFIX -> a JSON array of 100 native records
+    local i sep='' out='['
+    for ((i = 1; i <= 100; i++)); do
+        out+="$sep{\"request_id\":\"$1-$i\",\"consumer\":\"user1-client\",\"metadata_id\":\"kt-midm-base\",\"input_tokens\":14,\"output_tokens\":21}"
+        sep=','
+    done
+    printf '%s]' "$out"
+}
+post_usage() { # PORT BODY -> the answer's body
+    curl -s -X POST -H "Authorization: Bearer $USAGE_TOKEN" -H 'Content-Type: application/json' \
+        --data-binary "$2" "http://127.0.0.1:$1/usage"
+}
+usage_run() { # PORT -> wrk_run's fields, then the answers without "accepted":100
+    RUN_ID="run$RANDOM$(date +%s%N)" USAGE_TOKEN=$USAGE_TOKEN BATCH=100 \
+        wrk_run "$CONNECTIONS" "http://127.0.0.1:$1/usage" -s benches/usage.lua
+}
+start_service usage UMA_REDIS__URL="$REDIS_URL" UMA_USAGE__TOKEN="$USAGE_TOKEN"
+start_service usage_embedded UMA_REDIS__URL='' UMA_USAGE__TOKEN="$USAGE_TOKEN"
+for name in usage usage_embedded; do
+    port_var="PORT_$name"
+    answer=$(post_usage "${!port_var}" "$(usage_batch "check-$name-$RANDOM$RANDOM")")
+    [[ $answer =~ \"accepted\":[[:space:]]*100[,}] ]] || die "scenario 12 ($name): a batch of 100 records was not all accepted: $answer"
+done
+for name in usage usage_embedded; do
+    port_var="PORT_$name"
+    DURATION=1s usage_run "${!port_var}" >/dev/null
+    read -r rps p50 p99 n bad unaccepted < <(usage_run "${!port_var}")
+    [[ $bad == 0 ]] || die "scenario 12 ($name): $bad failed requests"
+    [[ ${unaccepted:-missing} == 0 ]] || die "scenario 12 ($name): ${unaccepted:-no} answers without \"accepted\":100"
+    records=$(awk -v r="$rps" 'BEGIN { printf "%.0f", r * 100 }')
+    where=$([[ $name == usage ]] && echo Redis || echo embedded)
+    row "12 usage ingest, batches of 100 ($where)" "$rps" "" "$p50" "$p99" \
+        "$records records/s$([[ $name == usage ]] && echo ' (target >= 50000)')"
+done
+kill "$PID_usage" "$PID_usage_embedded"
+
+# --- 13: an entry with a cost budget far from reached -------------------------------------------------
+# The same consumer and entry as the hot path, with a cost budget of a million a day: every call
+# checks the recorded cost against it, which must cost no Redis round trip per call (the totals are
+# pushed or polled). Alternating rounds against the unlimited hot path; then Redis commands per
+# allowed call for the budgeted one alone. Then two replicas on one Redis (a database of their own)
+# and a budget of 10 tokens: a record crossing it is posted to one, and /auth is polled on the
+# other with curl until it answers 429.
+sed -e 's/              output_cost_per_token: 0.0000002$/&\n              limits: {cost_per_day: 1000000}/' \
+    config/seed.yaml >"$WORK/budget-seed.yaml"
+grep -q 'cost_per_day: 1000000' "$WORK/budget-seed.yaml" || die "scenario 13: could not add a budget to the seed"
+start_service budget UMA_REDIS__URL="$REDIS_URL" UMA_SEED__PATH="$WORK/budget-seed.yaml"
+curl -s -D - -o /dev/null -H "apikey: $KEY" -H "X-Forwarded-Uri: $URI" "http://127.0.0.1:$PORT_budget/auth" | tr -d '\r' \
+    | grep -qi '^ratelimit: "cost-day"' || die "scenario 13: the budgeted entry answers without a cost-day RateLimit member"
+hot "$PORT_budget" >/dev/null
+budget_rps=() unbudgeted_rps=()
+for round in $(seq 1 "$ROUNDS"); do
+    read -r rps p50 p99 n bad < <(hot "$PORT_budget")
+    [[ $bad == 0 ]] || die "scenario 13: $bad failed requests"
+    budget_rps+=("$rps") budget_p50=$p50 budget_p99=$p99
+    read -r rps p50 p99 n bad < <(hot "$PORT_async")
+    unbudgeted_rps+=("$rps")
+done
+BUDGETED=$(echo "${budget_rps[@]}" | median)
+UNBUDGETED=$(echo "${unbudgeted_rps[@]}" | median)
+reset_stats
+read -r rps p50 p99 budget_calls bad < <(hot "$PORT_budget")
+sleep 1 # the last flush
+budget_cmds=$(redis_stat all) budget_evalsha=$(redis_stat evalsha)
+row "13 cost budget (1000000/day), far from it" "$BUDGETED" "$(ratio "$BUDGETED" "$CEILING")" "$budget_p50" "$budget_p99" \
+    "$(ratio "$BUDGETED" "$UNBUDGETED") × unlimited hot path ($UNBUDGETED, same rounds; target >= 0.9)"
+kill "$PID_budget"
+
+sed -e 's/              output_cost_per_token: 0.0000002$/&\n              limits: {tokens_per_day: 10}/' \
+    config/seed.yaml >"$WORK/tiny-budget-seed.yaml"
+grep -q 'tokens_per_day: 10$' "$WORK/tiny-budget-seed.yaml" || die "scenario 13: could not add a token budget to the seed"
+# Database 2: no usage of scenario 12 (same consumer and entry, same day) is counted there.
+for replica in replica_a replica_b; do
+    start_service "$replica" UMA_REDIS__URL="$REDIS_URL/2" UMA_SEED__PATH="$WORK/tiny-budget-seed.yaml" UMA_USAGE__TOKEN="$USAGE_TOKEN"
+done
+auth_code() { curl -s -o /dev/null -w '%{http_code}' -H "apikey: $KEY" -H "X-Forwarded-Uri: $URI" "http://127.0.0.1:$1/auth"; }
+[[ $(auth_code "$PORT_replica_b") == 200 ]] || die "scenario 13: replica B refuses before any usage"
+started=$(date +%s%N)
+answer=$(post_usage "$PORT_replica_a" '{"request_id":"cross-1","consumer":"user1-client","metadata_id":"kt-midm-base","input_tokens":10,"output_tokens":1}')
+[[ $answer =~ \"accepted\":[[:space:]]*1[,}] ]] || die "scenario 13: replica A did not accept the record: $answer"
+seen=''
+while (($(date +%s%N) - started < 5000000000)); do
+    if [[ $(auth_code "$PORT_replica_b") == 429 ]]; then seen=$(date +%s%N); break; fi
+done
+[[ -n $seen ]] || die "scenario 13: replica B still allows 5 s after the record crossed the budget at replica A"
+seen_ms=$(awk -v a="$started" -v b="$seen" 'BEGIN { printf "%.0f", (b - a) / 1e6 }')
+row "13 budget seen by another replica" "" "<=1000 ms" "$seen_ms ms" "" \
+    "record crossing 10 tokens/day posted to replica A, /auth polled on replica B with curl until 429"
+kill "$PID_replica_a" "$PID_replica_b"
+
 # --- 9: a Kong file's placements, as nginx asks ------------------------------------------------------
 # 1000 routes under a service with acl + key-auth and a global acl (the route table is hashed past 32
 # prefixes), requests in nginx's shape: X-Original-URI/-Method and the X-Forwarded-* copies, all of
@@ -319,5 +418,7 @@ echo "  health checks and pool PINGs):"
 echo "  async: $(per "$async_cmds" "$async_calls") commands/call, $(per "$async_evalsha" "$async_calls") EVALSHA/call ($async_calls calls)"
 echo "  limited entry (10): $(per "$limited_cmds" "$limited_calls") commands/call, $(per "$limited_evalsha" "$limited_calls") EVALSHA/call" \
      "($limited_calls calls; leases plus TDL flushes; target <= 0.05 commands/call)"
+echo "  cost budget (13): $(per "$budget_cmds" "$budget_calls") commands/call, $(per "$budget_evalsha" "$budget_calls") EVALSHA/call" \
+     "($budget_calls calls; TDL flushes plus the budget's totals, pushed or polled: no round trip per call)"
 echo "  sync:  $(per "$sync_cmds" "$sync_calls") commands/call, $(per "$sync_evalsha" "$sync_calls") EVALSHA/call," \
      "$(per $((sync_evalsha + sync_pings)) "$sync_calls") round trips/call ($sync_calls calls; waiting calls share one write)"

@@ -1170,3 +1170,55 @@ fn kubernetes_manifests_agree_with_the_image_and_config() {
         "job=user-metadata-auth"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// deploy/litellm/: the "own callback" example, run against the real service
+
+#[test]
+fn the_usage_curl_example_is_accepted_once_and_then_a_duplicate() {
+    require("curl", "curl");
+    require("bash", "bash");
+    let readme = read("deploy/litellm/README.md");
+    let example = readme
+        .split("```sh\n")
+        .skip(1)
+        .filter_map(|block| block.split("```").next())
+        .find(|block| block.contains("curl") && block.contains("/usage"))
+        .expect("deploy/litellm/README.md: a ```sh block posting to /usage with curl");
+    let token = "readme-example-usage-token";
+    // The bundled seed, which has the example's consumer and entry (user1-client, kt-midm-base).
+    let service = Service::bundled_with_env(&[("UMA_USAGE__TOKEN", token)]);
+    let default_address = format!("http://127.0.0.1:{PORT}");
+    assert!(
+        example.contains(&default_address),
+        "the example posts to the service's default address {default_address}"
+    );
+    let command = example.replace(&default_address, &format!("http://{}", service.addr));
+    let post = || -> Value {
+        let output = run(
+            Command::new("bash")
+                .arg("-c")
+                .arg(&command)
+                .env("USER_METADATA_AUTH_USAGE_TOKEN", token),
+            None,
+        );
+        assert!(output.status.success(), "{}", describe(&output));
+        serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe(&output)))
+    };
+    let first = post();
+    assert_eq!(
+        first,
+        json!({"accepted": 1, "duplicates": 0, "rejected": []})
+    );
+    assert!(
+        readme.contains(r#"{"accepted":1,"duplicates":0,"rejected":[]}"#),
+        "README shows the answer"
+    );
+    // The same record again (a retry): counted once.
+    let second = post();
+    assert_eq!(
+        second,
+        json!({"accepted": 0, "duplicates": 1, "rejected": []})
+    );
+}

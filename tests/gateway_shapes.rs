@@ -1598,6 +1598,119 @@ fn kong_plugin_relays_the_ratelimit_fields_to_the_client() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Budget refusals (SPEC §8.1, §9) through Traefik, Envoy and Kong
+// ---------------------------------------------------------------------------------------------
+
+const BUDGET_EXCEEDED: &str = "Usage budget exceeded";
+/// The ingest token of the service below (`usage.token`).
+const USAGE_TOKEN: &str = "shape-test-usage-token";
+
+/// `spent` (key `spent-key`), whose only entry `spent-entry` has a budget of 10 tokens a day.
+fn budget_seed() -> String {
+    let spent = metadata_plugin(&[("spent-entry", "p1")]).replace(
+        "              input_cost_per_token:",
+        "              limits: {tokens_per_day: 10}\n              input_cost_per_token:",
+    );
+    assert!(spent.contains("tokens_per_day"));
+    format!(
+        "consumers:\n  - username: spent\n    keyauth_credentials: [{{key: spent-key}}]\n{spent}"
+    )
+}
+
+/// Records 11 tokens for `spent` (POST /usage, as a log shipper does) and waits until the
+/// service refuses its calls.
+fn spend_the_budget(service: &Service) {
+    let body = br#"{"request_id":"shape-1","consumer":"spent","metadata_id":"spent-entry","input_tokens":10,"output_tokens":1}"#;
+    let headers = owned(&[
+        ("Host", "127.0.0.1"),
+        ("Authorization", &format!("Bearer {USAGE_TOKEN}")),
+        ("Content-Type", "application/json"),
+        ("Content-Length", &body.len().to_string()),
+    ]);
+    let answer = send_body(service.addr, "POST", "/usage", &headers, body);
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.json()["accepted"], 1, "{answer:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let r = service.auth("spent-key", "/v1/chat");
+        if r.status == 429 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the budget is not enforced 2 s after the record: {r:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The service's budget 429 as the client must get it: status, JSON body and headers.
+fn assert_budget_refused(r: &Response) {
+    assert_denied(r, 429, BUDGET_EXCEEDED);
+    assert_eq!(r.header("cache-control"), Some("no-store"), "{r:?}");
+    let retry_after: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("Retry-After must be an integer: {r:?}"));
+    assert!((1..=86_400).contains(&retry_after), "{r:?}");
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some(r#""tokens-day";q=10;w=86400"#),
+        "{r:?}"
+    );
+    let state = r.header("ratelimit").expect("RateLimit");
+    assert!(state.starts_with(r#""tokens-day";r=0;t="#), "{state}");
+}
+
+#[test]
+fn budget_refusals_reach_the_client_through_traefik_envoy_and_kong() {
+    away_from_midnight();
+    let service = Service::with_files_env("", &budget_seed(), &[("UMA_USAGE__TOKEN", USAGE_TOKEN)]);
+    let traefik = Traefik::load();
+    let envoy = Envoy::load();
+    let call = ClientCall::post("/v1/chat", &[("apikey", "spent-key")]);
+    // Before any usage, each shape is allowed.
+    assert_allowed(&traefik.send(&service, &call));
+    assert_allowed(&envoy.send(&service, &call));
+
+    spend_the_budget(&service);
+
+    // Traefik returns any non-2xx answer as it is; Envoy passes the body and the allowed headers.
+    assert_budget_refused(&traefik.send(&service, &call));
+    let r = envoy.send(&service, &call);
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_budget_refused(&envoy.to_client(&r));
+
+    // Kong's plugin answers the client with the service's status, body and headers.
+    let kong_call = KongCall {
+        method: "POST",
+        uri: "/v1/chat",
+        headers: &[("apikey", "spent-key")],
+        conf: "",
+    };
+    let (_, answer, refused) = kong_round_trip(&service, &kong_call);
+    assert_budget_refused(&answer);
+    assert_eq!(refused.exit(), Some(429), "{}", refused.dump());
+    assert_eq!(refused.values("EXIT_BODY"), [answer.body.as_str()]);
+    let exit_headers = refused.pairs("EXIT_HEADER");
+    for name in [
+        "Retry-After",
+        "RateLimit-Policy",
+        "RateLimit",
+        "Content-Type",
+        "Cache-Control",
+    ] {
+        let sent = exit_headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str());
+        assert!(sent.is_some(), "{name} missing: {}", refused.dump());
+        assert_eq!(sent, answer.header(name), "{name}");
+    }
+    assert!(refused.values("UPSTREAM_SET").is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
 // The configuration files
 // ---------------------------------------------------------------------------------------------
 
@@ -2034,4 +2147,208 @@ fn kong_plugin_lua_compiles_and_names_all_twelve_headers() {
     assert!(handler.contains("kong.response.exit"));
     let schema = read_deploy("kong/kong/plugins/uma-forward-auth/schema.lua");
     assert!(schema.contains("name = \"uma-forward-auth\""));
+}
+
+/// The target of a top-level plugin entry of a declarative file: its `service` or `route` name.
+fn plugin_target(plugin: &Value) -> String {
+    plugin["service"]
+        .as_str()
+        .or(plugin["route"].as_str())
+        .unwrap_or_else(|| panic!("a plugin for the whole gateway: {plugin}"))
+        .to_owned()
+}
+
+/// The environment variable a `{vault://env/name}` reference reads (Kong upper-cases the name).
+fn env_vault_variable(value: &str) -> Option<String> {
+    value
+        .strip_prefix("{vault://env/")
+        .and_then(|rest| rest.strip_suffix('}'))
+        .map(|name| name.to_ascii_uppercase().replace('-', "_"))
+}
+
+#[test]
+fn kong_usage_file_posts_ai_proxy_statistics_to_the_services_usage_endpoint() {
+    let doc = yaml("kong/usage-http-log.yaml");
+    assert_eq!(doc["_format_version"], "3.0");
+    // Every plugin names a service or route of kong.yaml, the file it is merged into.
+    let kong = yaml("kong/kong.yaml");
+    let mut names = BTreeSet::new();
+    for service in array(&kong["services"]) {
+        names.insert(service["name"].as_str().expect("service name").to_owned());
+    }
+    for (_, route) in kong_routes(&kong) {
+        names.insert(route["name"].as_str().expect("route name").to_owned());
+    }
+    let auth_host = kong_routes(&kong)
+        .iter()
+        .flat_map(|(_, route)| route["plugins"].as_array().cloned().unwrap_or_default())
+        .find(|p| p["name"] == "uma-forward-auth")
+        .and_then(|p| p["config"]["auth_url"].as_str().map(|u| split_url(u).1))
+        .expect("uma-forward-auth's auth_url in kong.yaml");
+    let (mut counted, mut logged) = (BTreeSet::new(), BTreeSet::new());
+    for plugin in array(&doc["plugins"]) {
+        let target = plugin_target(plugin);
+        assert!(names.contains(&target), "{target} is not in kong.yaml");
+        let conf = &plugin["config"];
+        match plugin["name"].as_str() {
+            Some("ai-proxy") => {
+                // Token counts in the log (ai.proxy.usage), prompts and answers not.
+                assert_eq!(
+                    conf["logging"]["log_statistics"],
+                    Value::Bool(true),
+                    "{plugin}"
+                );
+                assert_eq!(
+                    conf["logging"]["log_payloads"],
+                    Value::Bool(false),
+                    "{plugin}"
+                );
+                assert!(conf["route_type"].is_string(), "{plugin}");
+                assert!(conf["model"]["provider"].is_string(), "{plugin}");
+                assert!(counted.insert(target), "{plugin}: twice");
+            }
+            Some("http-log") => {
+                let endpoint = conf["http_endpoint"].as_str().expect("http_endpoint");
+                let (scheme, host, port, path) = split_url(endpoint);
+                assert_eq!(
+                    (scheme.as_str(), port, path.as_str()),
+                    ("http", 8089, "/usage"),
+                    "{endpoint}: the service's main listener"
+                );
+                assert_eq!(host, auth_host, "{endpoint}: where uma-forward-auth asks");
+                assert_eq!(conf["method"], "POST");
+                assert_eq!(conf["content_type"], "application/json");
+                let headers = conf["headers"].as_object().expect("headers");
+                for name in headers.keys() {
+                    // Kong's http-log schema refuses these in `headers`.
+                    assert!(
+                        !["host", "content-type", "content-length"]
+                            .contains(&name.to_ascii_lowercase().as_str()),
+                        "{name}"
+                    );
+                }
+                let authorization = headers["Authorization"].as_str().expect("Authorization");
+                match env_vault_variable(authorization) {
+                    // The service refuses unknown UMA_ variables, should they share an environment.
+                    Some(variable) => assert!(!variable.starts_with("UMA_"), "{variable}"),
+                    None => assert!(authorization.starts_with("Bearer "), "{authorization}"),
+                }
+                let queue = &conf["queue"];
+                let batch = queue["max_batch_size"]
+                    .as_u64()
+                    .expect("queue.max_batch_size");
+                assert!(
+                    (1..=1000).contains(&batch),
+                    "max_batch_size {batch}: the service takes arrays of up to 1000"
+                );
+                let retry = queue["max_retry_time"]
+                    .as_f64()
+                    .expect("queue.max_retry_time");
+                assert!(
+                    retry > 0.0 && retry < 6.0 * 3600.0,
+                    "max_retry_time {retry} s: retries must stay inside usage.dedup_hours (6 h)"
+                );
+                let delay = queue["max_coalescing_delay"]
+                    .as_f64()
+                    .expect("max_coalescing_delay");
+                assert!(
+                    delay <= 1.0,
+                    "max_coalescing_delay {delay} s delays budgets"
+                );
+                let keepalive = conf["keepalive"].as_f64().expect("keepalive");
+                assert!(
+                    keepalive < 60_000.0,
+                    "keepalive {keepalive} ms: below the service's idle timeout"
+                );
+                assert!(logged.insert(target), "{plugin}: twice");
+            }
+            other => panic!("unexpected plugin {other:?}"),
+        }
+    }
+    assert_eq!(
+        counted, logged,
+        "every service with statistics has its log posted"
+    );
+    // Every LLM service of kong.yaml reports its usage; the service's own API does not.
+    for service in array(&kong["services"]) {
+        let name = service["name"].as_str().unwrap();
+        assert_eq!(
+            logged.contains(name),
+            name != "user-metadata-service",
+            "{name}"
+        );
+    }
+    assert!(read_deploy("kong/README.md").contains("usage-http-log.yaml"));
+    assert!(read_deploy("kong/kong.yaml").contains("usage-http-log.yaml"));
+}
+
+#[test]
+fn litellm_callback_posts_native_records_built_from_the_gateways_headers() {
+    let readme = read_deploy("litellm/README.md");
+    // LiteLLM's config names a module next to it and an instance the module defines.
+    let (module, instance) = readme
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("callbacks: "))
+        .and_then(|v| v.split_once('.'))
+        .expect("README: `litellm_settings: callbacks: <module>.<instance>`");
+    let code = read_deploy(&format!("litellm/{module}.py"));
+    let class = code
+        .lines()
+        .find_map(|l| l.strip_prefix("class ")?.strip_suffix("(CustomLogger):"))
+        .expect("a CustomLogger subclass");
+    assert!(
+        code.lines().any(|l| l == format!("{instance} = {class}()")),
+        "{module}.py does not define {instance}"
+    );
+    assert!(code.contains("from litellm.integrations.custom_logger import CustomLogger"));
+    assert!(code.contains(
+        "async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):"
+    ));
+    assert!(!code.contains('\t'), "indented with spaces only");
+    // The native record (SPEC §9) and where its fields come from.
+    for field in [
+        "\"request_id\"",
+        "\"consumer\"",
+        "\"metadata_id\"",
+        "\"usage\"",
+        "\"time\"",
+        "\"prompt_tokens\"",
+        "\"completion_tokens\"",
+        "\"cached_tokens\"",
+    ] {
+        assert!(code.contains(field), "{field}");
+    }
+    for source in [
+        "\"x-consumer-username\"",
+        "\"x-consumer-id\"",
+        "\"litellm_call_id\"",
+        "\"proxy_server_request\"",
+        "\"standard_logging_object\"",
+        // A client's call id never becomes the request id.
+        "\"x-litellm-call-id\"",
+    ] {
+        assert!(code.contains(source), "{source}");
+    }
+    assert!(code.contains("\"Bearer \""));
+    assert!(code.contains("\"http://127.0.0.1:8089/usage\""));
+    // Its settings: none a UMA_ name (the service refuses unknown ones), all in the README.
+    let variables: BTreeSet<&str> = code
+        .split("os.environ.get(\"")
+        .skip(1)
+        .chain(code.split("_env_number(\"").skip(1))
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    assert!(variables.len() >= 3, "{variables:?}");
+    for variable in &variables {
+        assert!(!variable.starts_with("UMA_"), "{variable}");
+        assert!(
+            readme.contains(&format!("`{variable}`")),
+            "README: {variable}"
+        );
+    }
+    assert!(
+        readme.contains("never from the client")
+            || readme.contains("never a value taken from the client")
+    );
 }

@@ -522,6 +522,183 @@ fn request_limits_reach_the_client_as_429_with_retry_after_and_the_ratelimit_fie
     }
 }
 
+/// The ingest token of the services below (`usage.token`, SPEC §9).
+const USAGE_TOKEN: &str = "gateway-test-usage-token";
+
+/// `spent` (key `spent-key`), whose only entry `spent-entry` has a budget of 10 tokens a day, and
+/// `blocked` (key `blocked-key`), whose entry allows no call at all (a request limit of 0).
+fn budget_seed() -> String {
+    let limit = |entry: &str, provider: &str, limits: &str| {
+        let yaml = metadata_plugin(&[(entry, provider)]).replace(
+            "              input_cost_per_token:",
+            &format!("              limits: {{{limits}}}\n              input_cost_per_token:"),
+        );
+        assert!(yaml.contains(limits));
+        yaml
+    };
+    format!(
+        "consumers:\n  - username: spent\n    keyauth_credentials: [{{key: spent-key}}]\n{}  - username: blocked\n    keyauth_credentials: [{{key: blocked-key}}]\n{}",
+        limit("spent-entry", "p1", "tokens_per_day: 10"),
+        limit("blocked-entry", "p2", "requests_per_day: 0")
+    )
+}
+
+/// `POST /usage` to the service itself, with its token.
+fn post_usage(service: &Service, body: &str) -> Response {
+    let head = format!(
+        "POST /usage HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer {USAGE_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    raw(
+        service.addr,
+        &[head.as_bytes(), body.as_bytes()].concat(),
+        false,
+    )
+}
+
+/// The integer `key` of the member `name` in a RateLimit or RateLimit-Policy field.
+fn member_param(field: &str, name: &str, key: &str) -> u64 {
+    field
+        .split(',')
+        .map(str::trim)
+        .find_map(|m| m.strip_prefix(&format!("\"{name}\";")))
+        .unwrap_or_else(|| panic!("no {name} member in {field}"))
+        .split(';')
+        .find_map(|p| p.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in the {name} member of {field}"))
+}
+
+/// Calls `call` until it answers 429, for at most `within` (then fails), and returns that 429.
+fn until_refused(within: Duration, mut call: impl FnMut() -> Response) -> Response {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = call();
+        if r.status == 429 || Instant::now() >= deadline {
+            assert_eq!(r.status, 429, "still not refused after {within:?}: {r:?}");
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn budget_refusals_reach_the_client_as_429_usage_budget_exceeded() {
+    away_from_midnight();
+    let echo = Echo::start();
+    for (name, start) in GATEWAYS {
+        // A service of its own per gateway, so each starts with the whole budget (embedded mode:
+        // a record counts at once).
+        let service =
+            Service::with_files_env("", &budget_seed(), &[("UMA_USAGE__TOKEN", USAGE_TOKEN)]);
+        let gateway = start(service.addr, echo.addr);
+
+        // Nothing recorded yet: allowed, the budget in the RateLimit fields.
+        let r = gateway.call("POST", "/v1/chat", &[("apikey", "spent-key")], "{}");
+        let got = Received::of(&r);
+        assert_eq!(
+            got.header("X-Consumer-ID").as_deref(),
+            Some("spent-entry"),
+            "{name}"
+        );
+        assert_eq!(
+            r.header("ratelimit-policy"),
+            Some(r#""tokens-day";q=10;w=86400"#),
+            "{name}: {r:?}"
+        );
+        let state = r
+            .header("ratelimit")
+            .unwrap_or_else(|| panic!("{name}: {r:?}"));
+        assert_eq!(
+            member_param(state, "tokens-day", "r"),
+            10,
+            "{name}: {state}"
+        );
+
+        // 11 tokens recorded, posted to the service itself as a log shipper would: the budget of
+        // 10 is reached.
+        let answer = post_usage(
+            &service,
+            r#"{"request_id":"r1","consumer":"spent","metadata_id":"spent-entry","input_tokens":10,"output_tokens":1}"#,
+        );
+        assert_eq!(answer.status, 200, "{name}: {answer:?}");
+        let outcome = answer.json();
+        assert_eq!(outcome["accepted"], 1, "{name}: {outcome}");
+        assert_eq!(
+            outcome["rejected"],
+            serde_json::json!([]),
+            "{name}: {outcome}"
+        );
+
+        // The service says which kind of limit refused the call: nginx rebuilds the body from it.
+        let direct = until_refused(Duration::from_secs(2), || {
+            service.auth("spent-key", "/v1/chat")
+        });
+        assert_eq!(
+            direct.json(),
+            serde_json::json!({"message": "Usage budget exceeded"}),
+            "{name}: {direct:?}"
+        );
+        assert_eq!(
+            direct.header("x-uma-limit"),
+            Some("budget"),
+            "{name}: {direct:?}"
+        );
+
+        // Through the gateway: the service's body, Retry-After to the end of the day and the
+        // RateLimit fields, and nothing reaches the upstream.
+        let r = until_refused(Duration::from_secs(2), || {
+            gateway.call("POST", "/v1/chat", &[("apikey", "spent-key")], "{}")
+        });
+        assert_eq!(
+            r.json(),
+            serde_json::json!({"message": "Usage budget exceeded"}),
+            "{name}: {r:?}"
+        );
+        assert!(!r.body.contains("\"uri\""), "{name}: reached the upstream");
+        assert_eq!(r.header("cache-control"), Some("no-store"), "{name}");
+        let retry_after: u64 = r
+            .header("retry-after")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: Retry-After must be an integer: {r:?}"));
+        assert!(
+            retry_after >= 1 && retry_after.abs_diff(secs_to_utc_midnight()) <= 2,
+            "{name}: Retry-After {retry_after}"
+        );
+        assert_eq!(r.header_count("ratelimit-policy"), 1, "{name}: {r:?}");
+        assert_eq!(
+            r.header("ratelimit-policy"),
+            Some(r#""tokens-day";q=10;w=86400"#),
+            "{name}: {r:?}"
+        );
+        let state = r
+            .header("ratelimit")
+            .unwrap_or_else(|| panic!("{name}: no RateLimit on the 429: {r:?}"));
+        assert_eq!(member_param(state, "tokens-day", "r"), 0, "{name}: {state}");
+        assert!(
+            member_param(state, "tokens-day", "t").abs_diff(retry_after) <= 1,
+            "{name}: {state} vs Retry-After {retry_after}"
+        );
+
+        // A request limit's refusal keeps its own message through the same gateway.
+        let direct = service.auth("blocked-key", "/v1/chat");
+        assert_eq!(direct.status, 429, "{name}: {direct:?}");
+        assert_eq!(
+            direct.header("x-uma-limit"),
+            Some("requests"),
+            "{name}: {direct:?}"
+        );
+        let r = gateway.call("POST", "/v1/chat", &[("apikey", "blocked-key")], "{}");
+        assert_eq!(r.status, 429, "{name}: {r:?}");
+        assert_eq!(
+            r.json(),
+            serde_json::json!({"message": "API rate limit exceeded"}),
+            "{name}: {r:?}"
+        );
+        assert!(r.header("retry-after").is_some(), "{name}: {r:?}");
+    }
+}
+
 #[test]
 fn nginx_fails_closed_when_the_service_is_unreachable() {
     let echo = Echo::start();

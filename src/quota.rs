@@ -303,7 +303,8 @@ impl Quotas {
     }
 
     /// The request windows' standings without taking a call, for an answer another limit refused:
-    /// what this replica knows (a window it has not counted in yet shows its whole limit).
+    /// what this replica knows (a window it has not counted in yet shows its whole limit); one
+    /// with nothing left counts as refusing.
     pub fn peek(&self, consumer: &str, entry: &str, limits: &Limits) -> Vec<Standing> {
         let now = self.clock.now();
         let windows = request_windows(limits, now, &self.zone);
@@ -322,7 +323,7 @@ impl Quotas {
                     member: limit.window.kind.name(),
                     limit,
                     remaining,
-                    refused: false,
+                    refused: remaining == 0,
                 })
             })
             .collect()

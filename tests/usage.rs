@@ -1107,7 +1107,14 @@ fn kong_http_log_single_and_batched_with_bad_records() {
         ),
         consumer("bob", "bk", &[entry("b2", "2", "3e-8", "")]),
     ]);
-    let service = serve(Some(&redis), "", &seed, Some(TOKEN), &[]);
+    // Times spread over the whole day so far: remembered for a day.
+    let service = serve(
+        Some(&redis),
+        "",
+        &seed,
+        Some(TOKEN),
+        &[("UMA_USAGE__DEDUP_HOURS", "24")],
+    );
     let mut ledger = Ledger::default();
     ledger.price("alice", "a1", "3e-8", "1.5e-7");
     ledger.price("alice", "a2", "0.000000075", "2");
@@ -1133,7 +1140,7 @@ fn kong_http_log_single_and_batched_with_bad_records() {
     assert_eq!(ingest(&service, &single), ok(0, 1));
 
     // A batch, as Kong's queue sends it, with bad records mixed in.
-    let old = now - 7 * 3_600_000;
+    let old = now - 25 * 3_600_000; // past the 24 h this service remembers
     let ahead = now + 10 * 60_000;
     let h = |user: &'static str, entry: &'static str| {
         vec![("x-consumer-username", user), ("x-consumer-id", entry)]
@@ -2034,7 +2041,13 @@ fn openai_and_anthropic_usage_objects_with_cache_prices_and_time_offsets() {
             entry("plain", "0.000001", "0.000002", ""),
         ],
     )]);
-    let service = serve(None, "", &seed, Some(TOKEN), &[]);
+    let service = serve(
+        None,
+        "",
+        &seed,
+        Some(TOKEN),
+        &[("UMA_USAGE__DEDUP_HOURS", "24")],
+    );
     let t0 = midnight + (now - midnight) / 2;
     let z = rfc3339(t0, true);
     let seoul = rfc3339_offset(t0, 9);

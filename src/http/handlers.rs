@@ -223,10 +223,16 @@ impl App {
         let now = self.usage.now();
         if budgets.iter().any(|s| s.refused) {
             let mut standings = self.quotas.peek(&consumer.username, &entry.id, limits);
+            // A request window that is used up too is what the caller hears about first: its
+            // message, and `Retry-After` the latest end among everything that refuses.
+            let requests_refuse = standings.iter().any(|s| s.refused);
             standings.extend(budgets);
-            return Err(Refusal::BudgetExceeded(Box::new(RateLimitedBy::of(
-                &standings, now,
-            ))));
+            let by = Box::new(RateLimitedBy::of(&standings, now));
+            return Err(if requests_refuse {
+                Refusal::RateLimited(by)
+            } else {
+                Refusal::BudgetExceeded(by)
+            });
         }
         let requests = if limits.has_request_limits() {
             match self

@@ -364,7 +364,7 @@ kill "$PID_budget"
 
 sed -e 's/              output_cost_per_token: 0.0000002$/&\n              limits: {tokens_per_day: 10}/' \
     config/seed.yaml >"$WORK/tiny-budget-seed.yaml"
-grep -q 'tokens_per_day: 10$' "$WORK/tiny-budget-seed.yaml" || die "scenario 13: could not add a token budget to the seed"
+grep -q 'tokens_per_day: 10}' "$WORK/tiny-budget-seed.yaml" || die "scenario 13: could not add a token budget to the seed"
 # Database 2: no usage of scenario 12 (same consumer and entry, same day) is counted there.
 for replica in replica_a replica_b; do
     start_service "$replica" UMA_REDIS__URL="$REDIS_URL/2" UMA_SEED__PATH="$WORK/tiny-budget-seed.yaml" UMA_USAGE__TOKEN="$USAGE_TOKEN"

@@ -16,7 +16,7 @@
 //! record crossing a budget on one replica is therefore refused by all within that period plus a
 //! round trip. Only the first call on a pair waits for its totals.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -92,57 +92,80 @@ struct DaySums {
     day: Totals,
 }
 
-/// Embedded mode's store; in Redis mode the records waiting for Redis.
+/// One entry's sums, by local date and by month (its first day).
+#[derive(Default)]
+struct EntrySums {
+    days: BTreeMap<Date, DaySums>,
+    months: BTreeMap<Date, Totals>,
+}
+
+/// Embedded mode's store; in Redis mode the records waiting for Redis. Keyed consumer → entry, so
+/// a lookup borrows the names (cloning the `Arc`s on every `/auth` would bounce their counts
+/// between cores) and one consumer's sums are found without looking at anyone else's.
 #[derive(Default)]
 struct Sums {
-    days: HashMap<(Pair, Date), DaySums>,
-    months: HashMap<(Pair, Date), Totals>,
+    by_consumer: HashMap<Arc<str>, HashMap<Arc<str>, EntrySums>>,
 }
 
 impl Sums {
     fn add(&mut self, record: &Prepared, stamp: SlotStamp) {
-        let pair = (record.consumer.clone(), record.entry.clone());
-        let day = self.days.entry((pair.clone(), stamp.date)).or_default();
+        let sums = self
+            .by_consumer
+            .entry(record.consumer.clone())
+            .or_default()
+            .entry(record.entry.clone())
+            .or_default();
+        let day = sums.days.entry(stamp.date).or_default();
         day.slots[usize::from(stamp.slot - 1)].add(&record.totals);
         day.day.add(&record.totals);
-        self.months
-            .entry((pair, stamp.date.first_of_month()))
+        sums.months
+            .entry(stamp.date.first_of_month())
             .or_default()
             .add(&record.totals);
     }
 
     fn remove(&mut self, record: &Prepared, stamp: SlotStamp) {
-        let pair = (record.consumer.clone(), record.entry.clone());
+        let Some(entries) = self.by_consumer.get_mut(&*record.consumer) else {
+            return;
+        };
+        let Some(sums) = entries.get_mut(&*record.entry) else {
+            return;
+        };
         let sub = |t: &mut Totals| {
             t.input = t.input.saturating_sub(record.totals.input);
             t.output = t.output.saturating_sub(record.totals.output);
             t.cost = t.cost.saturating_sub(record.totals.cost);
         };
-        if let Some(day) = self.days.get_mut(&(pair.clone(), stamp.date)) {
+        if let Some(day) = sums.days.get_mut(&stamp.date) {
             sub(&mut day.slots[usize::from(stamp.slot - 1)]);
             sub(&mut day.day);
             if day.day == Totals::default() {
-                self.days.remove(&(pair.clone(), stamp.date));
+                sums.days.remove(&stamp.date);
             }
         }
-        let month = (pair, stamp.date.first_of_month());
-        if let Some(t) = self.months.get_mut(&month) {
+        let month = stamp.date.first_of_month();
+        if let Some(t) = sums.months.get_mut(&month) {
             sub(t);
             if *t == Totals::default() {
-                self.months.remove(&month);
+                sums.months.remove(&month);
+            }
+        }
+        if sums.days.is_empty() && sums.months.is_empty() {
+            entries.remove(&*record.entry);
+            if entries.is_empty() {
+                self.by_consumer.remove(&*record.consumer);
             }
         }
     }
 
-    fn spent(&self, pair: &Pair, date: Date) -> Spent {
-        let day = self
-            .days
-            .get(&(pair.clone(), date))
-            .map(|d| d.day)
-            .unwrap_or_default();
-        let month = self
+    fn spent(&self, consumer: &str, entry: &str, date: Date) -> Spent {
+        let Some(sums) = self.by_consumer.get(consumer).and_then(|e| e.get(entry)) else {
+            return Spent::default();
+        };
+        let day = sums.days.get(&date).map(|d| d.day).unwrap_or_default();
+        let month = sums
             .months
-            .get(&(pair.clone(), date.first_of_month()))
+            .get(&date.first_of_month())
             .copied()
             .unwrap_or_default();
         Spent {
@@ -154,33 +177,43 @@ impl Sums {
 
     /// Adds this store's sums of `consumer` on `date` to `report`, entries it lacks at the end.
     fn add_to(&self, consumer: &str, date: Date, report: &mut Vec<(String, StoredDay)>) {
-        let mut found: Vec<(&Pair, &DaySums)> = self
-            .days
+        let Some(entries) = self.by_consumer.get(consumer) else {
+            return;
+        };
+        let mut found: Vec<(&Arc<str>, &EntrySums)> = entries
             .iter()
-            .filter(|(((c, _), d), _)| &**c == consumer && *d == date)
-            .map(|((pair, _), sums)| (pair, sums))
+            .filter(|(_, sums)| sums.days.contains_key(&date))
             .collect();
-        found.sort_by(|a, b| a.0.1.cmp(&b.0.1));
-        for (pair, sums) in found {
-            let position = report.iter().position(|(id, _)| **id == *pair.1);
+        found.sort_by(|a, b| a.0.cmp(b.0));
+        for (entry, sums) in found {
+            let Some(day) = sums.days.get(&date) else {
+                continue;
+            };
+            let position = report.iter().position(|(id, _)| **id == **entry);
             let index = position.unwrap_or_else(|| {
-                report.push((pair.1.to_string(), StoredDay::default()));
+                report.push((entry.to_string(), StoredDay::default()));
                 report.len() - 1
             });
             let target = &mut report[index].1;
-            for (slot, sum) in target.slots.iter_mut().zip(&sums.slots) {
+            for (slot, sum) in target.slots.iter_mut().zip(&day.slots) {
                 slot.add(sum);
             }
-            target.day.add(&sums.day);
-            if let Some(month) = self.months.get(&(pair.clone(), date.first_of_month())) {
+            target.day.add(&day.day);
+            if let Some(month) = sums.months.get(&date.first_of_month()) {
                 target.month.add(month);
             }
         }
     }
 
     fn prune(&mut self, oldest_day: Date, oldest_month: Date) {
-        self.days.retain(|(_, d), _| *d >= oldest_day);
-        self.months.retain(|(_, m), _| *m >= oldest_month);
+        for entries in self.by_consumer.values_mut() {
+            for sums in entries.values_mut() {
+                sums.days.retain(|d, _| *d >= oldest_day);
+                sums.months.retain(|m, _| *m >= oldest_month);
+            }
+            entries.retain(|_, s| !(s.days.is_empty() && s.months.is_empty()));
+        }
+        self.by_consumer.retain(|_, e| !e.is_empty());
     }
 }
 
@@ -281,10 +314,17 @@ struct State {
     waiting: VecDeque<Waiting>,
     waiting_records: usize,
     next_seq: u64,
-    views: HashMap<Pair, View>,
+    /// Budget views, consumer → entry.
+    views: HashMap<Arc<str>, HashMap<Arc<str>, View>>,
     /// The last report read from Redis per consumer and date, for answers while it is down.
     shown: ShownReports,
     newest_date: Option<Date>,
+}
+
+impl State {
+    fn view_mut(&mut self, consumer: &str, entry: &str) -> Option<&mut View> {
+        self.views.get_mut(consumer)?.get_mut(entry)
+    }
 }
 
 struct Shared {
@@ -574,8 +614,7 @@ impl UsageBook {
     fn confirmed(&self, record: &Prepared) {
         let stamp = SlotStamp::at(record.time, &self.zone);
         let mut state = self.lock();
-        let pair = (record.consumer.clone(), record.entry.clone());
-        if let Some(view) = state.views.get_mut(&pair) {
+        if let Some(view) = state.view_mut(&record.consumer, &record.entry) {
             view.confirmed
                 .push((Instant::now(), stamp.date, record.totals));
         }
@@ -629,8 +668,7 @@ impl UsageBook {
                     if let Some(seen) = state.seen.get_mut(&record.consumer) {
                         seen.set.remove(&digest(&record.request_id));
                     }
-                    let pair = (record.consumer.clone(), record.entry.clone());
-                    if applied && let Some(view) = state.views.get_mut(&pair) {
+                    if applied && let Some(view) = state.view_mut(&record.consumer, &record.entry) {
                         view.confirmed.push((now, stamp.date, record.totals));
                     }
                 }
@@ -660,7 +698,7 @@ impl UsageBook {
         let spent = match &self.shared {
             None => {
                 let state = self.lock();
-                state.sums.spent(&(consumer.clone(), entry.clone()), today)
+                state.sums.spent(consumer, entry, today)
             }
             Some(shared) => {
                 if !shared.store.is_up() {
@@ -693,10 +731,7 @@ impl UsageBook {
     pub async fn spent(&self, consumer: &Arc<str>, entry: &Arc<str>) -> Spent {
         let today = SlotStamp::at(self.clock.now(), &self.zone).date;
         match &self.shared {
-            None => self
-                .lock()
-                .sums
-                .spent(&(consumer.clone(), entry.clone()), today),
+            None => self.lock().sums.spent(consumer, entry, today),
             Some(shared) => self.viewed_spent(shared, consumer, entry, today).await,
         }
     }
@@ -709,11 +744,10 @@ impl UsageBook {
         entry: &Arc<str>,
         today: Date,
     ) -> Spent {
-        let pair = (consumer.clone(), entry.clone());
         let known = {
             let mut state = self.lock();
-            let waiting = state.sums.spent(&pair, today);
-            state.views.get_mut(&pair).map(|view| {
+            let waiting = state.sums.spent(consumer, entry, today);
+            state.view_mut(consumer, entry).map(|view| {
                 view.last_used = Instant::now();
                 merge(view.spent(today), waiting)
             })
@@ -734,8 +768,13 @@ impl UsageBook {
             None
         };
         let mut state = self.lock();
-        let waiting = state.sums.spent(&pair, today);
-        let view = state.views.entry(pair).or_insert_with(|| View::new(sent));
+        let waiting = state.sums.spent(consumer, entry, today);
+        let view = state
+            .views
+            .entry(consumer.clone())
+            .or_default()
+            .entry(entry.clone())
+            .or_insert_with(|| View::new(sent));
         if let Some(read) = read
             && view.read_sent.is_none_or(|s| s < sent)
         {
@@ -752,8 +791,15 @@ impl UsageBook {
         let today = SlotStamp::at(self.clock.now(), &self.zone).date;
         let pairs: Vec<Pair> = {
             let mut state = self.lock();
-            state.views.retain(|_, v| v.last_used.elapsed() < VIEW_IDLE);
-            state.views.keys().cloned().collect()
+            for entries in state.views.values_mut() {
+                entries.retain(|_, v| v.last_used.elapsed() < VIEW_IDLE);
+            }
+            state.views.retain(|_, entries| !entries.is_empty());
+            state
+                .views
+                .iter()
+                .flat_map(|(c, entries)| entries.keys().map(|e| (c.clone(), e.clone())))
+                .collect()
         };
         for chunk in pairs.chunks(READ_CHUNK) {
             let sent = Instant::now();
@@ -763,7 +809,7 @@ impl UsageBook {
             };
             let mut state = self.lock();
             for (pair, read) in chunk.iter().zip(reads) {
-                let (Ok(read), Some(view)) = (read, state.views.get_mut(pair)) else {
+                let (Ok(read), Some(view)) = (read, state.view_mut(&pair.0, &pair.1)) else {
                     continue;
                 };
                 view.read = read;

@@ -30,6 +30,18 @@ use crate::config::RedisSettings;
 use crate::core::model::SLOTS;
 use scripts::Lua;
 
+/// Longest wait for a bulk write (a batch of usage records), whatever the command timeout.
+const BULK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long an operation may take, and what its running late means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Patience {
+    /// The command timeout; running late marks Redis down (nothing on `/auth` may wait on it).
+    Hot,
+    /// [`BULK_TIMEOUT`]; running late is the operation's failure only.
+    Bulk,
+}
+
 /// A connection handed out this recently is known to work (one that failed was discarded).
 const RECENTLY_USED: Duration = Duration::from_secs(1);
 
@@ -152,7 +164,9 @@ impl RedisStore {
         let timeout = Duration::from_millis(settings.command_timeout_ms);
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(connect))
-            .set_response_timeout(Some(timeout));
+            // Bulk writes may wait longer than the command timeout; every other operation is
+            // bounded by it in `run_within`.
+            .set_response_timeout(Some(timeout.max(BULK_TIMEOUT)));
         let manager = deadpool_redis::Manager::new_with_config(settings.url.as_str(), config)
             .map_err(BuildError::Url)?;
         let pool = Pool::builder(CheckedManager(manager))
@@ -202,34 +216,62 @@ impl RedisStore {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
+        self.run_within(Patience::Hot, op).await
+    }
+
+    /// [`RedisStore::run`] with the given patience: a bulk write (a batch of usage records) may
+    /// take longer than the command timeout under load, and its running late says nothing about
+    /// whether Redis is up, so it neither waits only that long nor opens the breaker for `/auth`.
+    async fn run_within<T, F, Fut>(&self, patience: Patience, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let limit = match patience {
+            Patience::Hot => self.timeout,
+            Patience::Bulk => self.timeout.max(BULK_TIMEOUT),
+        };
+        // Whether a failure was Redis (or the pool) being slow rather than unreachable.
+        let late = std::sync::atomic::AtomicBool::new(false);
         let attempt = async {
-            let pooled = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let wait = deadpool::managed::Timeouts {
+                wait: Some(limit),
+                ..self.pool.timeouts()
+            };
+            let pooled = self.pool.timeout_get(&wait).await.map_err(|e| {
+                if matches!(e, deadpool::managed::PoolError::Timeout(_)) {
+                    late.store(true, Ordering::Relaxed);
+                }
+                StoreError::Unavailable(e.to_string())
+            })?;
             let result = op(MultiplexedConnection::clone(&pooled))
                 .await
-                .map_err(classify);
+                .map_err(|e| {
+                    if e.is_timeout() {
+                        late.store(true, Ordering::Relaxed);
+                    }
+                    classify(e)
+                });
             if matches!(result, Err(StoreError::Unavailable(_))) {
                 // Never hand a connection that just failed to the next caller unchecked.
                 drop(Object::take(pooled));
             }
             result
         };
-        let result = match tokio::time::timeout(self.timeout, attempt).await {
+        let result = match tokio::time::timeout(limit, attempt).await {
             Ok(result) => result,
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer within {:?}",
-                self.timeout
-            ))),
+            Err(_) => {
+                late.store(true, Ordering::Relaxed);
+                Err(StoreError::Unavailable(format!("no answer within {limit:?}")))
+            }
         };
         if let Err(error) = &result {
             if *error == StoreError::NoScript {
                 return result;
             }
             self.errors.increment(1);
-            if matches!(error, StoreError::Unavailable(_)) {
+            let late_bulk = patience == Patience::Bulk && late.load(Ordering::Relaxed);
+            if matches!(error, StoreError::Unavailable(_)) && !late_bulk {
                 self.set_up(false);
             }
         }
@@ -523,8 +565,19 @@ impl RedisStore {
         pipe: &Pipeline,
         used: &[&Lua],
     ) -> Result<Vec<Value>, StoreError> {
+        self.query_scripts_within(Patience::Hot, pipe, used).await
+    }
+
+    async fn query_scripts_within(
+        &self,
+        patience: Patience,
+        pipe: &Pipeline,
+        used: &[&Lua],
+    ) -> Result<Vec<Value>, StoreError> {
         let first = self
-            .run(|mut conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await })
+            .run_within(patience, |mut conn| async move {
+                pipe.query_async::<Vec<Value>>(&mut conn).await
+            })
             .await;
         match first {
             Ok(values) if !values.iter().any(is_noscript) => return Ok(values),
@@ -542,8 +595,10 @@ impl RedisStore {
             })
             .await?;
         }
-        self.run(|mut conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await })
-            .await
+        self.run_within(patience, |mut conn| async move {
+            pipe.query_async::<Vec<Value>>(&mut conn).await
+        })
+        .await
     }
 }
 

@@ -96,7 +96,9 @@ impl RedisStore {
                 .arg(&keys)
                 .arg(&args);
         }
-        let values = self.query_scripts(&pipe, &[&scripts::APPLY_USAGE]).await?;
+        let values = self
+            .query_scripts_within(super::Patience::Bulk, &pipe, &[&scripts::APPLY_USAGE])
+            .await?;
         if values.len() != batches.len() {
             return Err(StoreError::Rejected(format!(
                 "{} replies for {} usage scripts",

@@ -692,9 +692,9 @@ impl UsageBook {
         consumer: &Arc<str>,
         entry: &Arc<str>,
         limits: &Limits,
+        now: Timestamp,
     ) -> Result<Vec<Standing>, Refusal> {
-        let now = self.clock.now();
-        let today = SlotStamp::at(now, &self.zone).date;
+        let today = self.zone.to_datetime(now).date();
         let spent = match &self.shared {
             None => {
                 let state = self.lock();
@@ -1035,11 +1035,11 @@ mod tests {
             ..Limits::default()
         };
         let (c, e) = (Arc::from("u"), Arc::from("e"));
-        let before = book.budgets(&c, &e, &limits).await.unwrap();
+        let before = book.budgets(&c, &e, &limits, book.now()).await.unwrap();
         assert!(before.iter().all(|s| !s.refused));
         book.record(vec![record("a", "2026-12-01T08:00:00Z", 18, 50_000)])
             .await;
-        let s = book.budgets(&c, &e, &limits).await.unwrap();
+        let s = book.budgets(&c, &e, &limits, book.now()).await.unwrap();
         assert_eq!(
             (s[0].member, s[0].remaining, s[0].refused),
             ("tokens-day", 1, false)
@@ -1047,7 +1047,7 @@ mod tests {
         assert!(!s[1].refused);
         book.record(vec![record("b", "2026-12-01T08:00:00Z", 0, 50_000)])
             .await;
-        let s = book.budgets(&c, &e, &limits).await.unwrap();
+        let s = book.budgets(&c, &e, &limits, book.now()).await.unwrap();
         assert!(s[0].refused, "19 + 1 tokens reach 20");
         assert!(s[1].refused, "0.0000001 reached exactly");
     }

@@ -125,40 +125,32 @@ pub fn budget_standings(
     now: Timestamp,
     zone: &TimeZone,
 ) -> Vec<Standing> {
-    let day = || Window::of(WindowKind::Day, now, zone);
-    let mut out = Vec::new();
+    let day = Window::of(WindowKind::Day, now, zone);
+    let mut out = Vec::with_capacity(3);
     if let Some(limit) = limits.tokens_per_day {
         out.push(Standing {
             member: "tokens-day",
-            limit: WindowLimit {
-                window: day(),
-                limit,
-            },
+            limit: WindowLimit { window: day, limit },
             remaining: limit.saturating_sub(spent.tokens_day),
             refused: spent.tokens_day >= limit,
         });
     }
     let costs = [
-        (
-            "cost-day",
-            &limits.cost_per_day,
-            spent.cost_day,
-            WindowKind::Day,
-        ),
+        ("cost-day", &limits.cost_per_day, spent.cost_day, day),
         (
             "cost-month",
             &limits.cost_per_month,
             spent.cost_month,
-            WindowKind::Month,
+            Window::of(WindowKind::Month, now, zone),
         ),
     ];
-    for (member, limit, spent, kind) in costs {
+    for (member, limit, spent, window) in costs {
         let Some(limit) = limit else { continue };
         let limit = Amount::of(limit);
         out.push(Standing {
             member,
             limit: WindowLimit {
-                window: Window::of(kind, now, zone),
+                window,
                 limit: limit.whole_units(),
             },
             remaining: limit.saturating_sub(spent).whole_units(),

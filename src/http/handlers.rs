@@ -213,14 +213,14 @@ impl App {
         entry: &Arc<Entry>,
         limits: &Limits,
     ) -> Result<RateLimitFields, Refusal> {
+        let now = self.usage.now();
         let budgets = if limits.has_budgets() {
             self.usage
-                .budgets(&consumer.username, &entry.id, limits)
+                .budgets(&consumer.username, &entry.id, limits, now)
                 .await?
         } else {
             Vec::new()
         };
-        let now = self.usage.now();
         if budgets.iter().any(|s| s.refused) {
             let mut standings = self.quotas.peek(&consumer.username, &entry.id, limits);
             // A request window that is used up too is what the caller hears about first: its
@@ -234,23 +234,24 @@ impl App {
                 Refusal::BudgetExceeded(by)
             });
         }
-        let requests = if limits.has_request_limits() {
-            match self
-                .quotas
-                .take(&consumer.username, &entry.id, limits)
-                .await
-            {
-                Ok(standings) => standings,
-                Err(Refusal::RateLimited(mut by)) => {
-                    by.fields = by.fields.extended(&budgets, now);
-                    return Err(Refusal::RateLimited(by));
-                }
-                Err(other) => return Err(other),
+        if !limits.has_request_limits() {
+            return Ok(RateLimitFields::of(&budgets, now));
+        }
+        match self
+            .quotas
+            .take(&consumer.username, &entry.id, limits)
+            .await
+        {
+            Ok(mut standings) => {
+                standings.extend(budgets);
+                Ok(RateLimitFields::of(&standings, now))
             }
-        } else {
-            Vec::new()
-        };
-        Ok(RateLimitFields::of(&requests, now).extended(&budgets, now))
+            Err(Refusal::RateLimited(mut by)) => {
+                by.fields = by.fields.extended(&budgets, now);
+                Err(Refusal::RateLimited(by))
+            }
+            Err(other) => Err(other),
+        }
     }
 
     /// `auth.gateway_secret`: compared in constant time, so timing tells nothing about it.

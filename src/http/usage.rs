@@ -184,6 +184,8 @@ impl App {
                 stored.day.requests = counts.iter().sum();
             }
         }
+        let ids: Vec<&str> = sums.entries.iter().map(|(id, _)| &**id).collect();
+        let month_requests = self.month_requests(consumer, &ids, date).await;
         let lists: Vec<_> = catalog.policy.describing_lists(consumer).collect();
         let mut out = String::from("{\"timezone\":");
         write_ascii_json_string(&mut out, &self.timezone_name);
@@ -207,7 +209,7 @@ impl App {
             stored.day.write_json(&mut out);
             out.push_str(",\"month\":");
             let mut month = stored.month;
-            month.requests = self.month_requests(consumer, id, date).await;
+            month.requests = month_requests.get(i).copied().unwrap_or(0);
             month.write_json(&mut out);
             match entry.and_then(|e| e.fields.limits.as_ref().map(|l| (e, l))) {
                 Some((entry, limits)) => {
@@ -226,24 +228,24 @@ impl App {
         Ok(out)
     }
 
-    /// The month's requests: the section 7 counts of every day of `date`'s month up to it.
-    async fn month_requests(&self, consumer: &Consumer, entry: &str, date: Date) -> u64 {
-        let mut total = 0u64;
+    /// The month's requests of each of `entries`: the section 7 counts of every day of `date`'s
+    /// month up to it (one read per day for all of them).
+    async fn month_requests(&self, consumer: &Consumer, entries: &[&str], date: Date) -> Vec<u64> {
+        let mut totals = vec![0u64; entries.len()];
         let mut day = date.first_of_month();
         while day <= date {
-            let counts = self.counters.usage(&consumer.username, day, &[entry]).await;
-            total += counts
-                .entries
-                .iter()
-                .filter(|(id, _)| id == entry)
-                .flat_map(|(_, c)| c.iter())
-                .sum::<u64>();
+            let counts = self.counters.usage(&consumer.username, day, entries).await;
+            for (total, id) in totals.iter_mut().zip(entries) {
+                if let Some((_, c)) = counts.entries.iter().find(|(e, _)| e == id) {
+                    *total += c.iter().sum::<u64>();
+                }
+            }
             match day.tomorrow() {
                 Ok(next) => day = next,
                 Err(_) => break,
             }
         }
-        total
+        totals
     }
 
     /// What remains of each limit now: request windows from the section 7 counts (the minute

@@ -262,7 +262,9 @@ impl RedisStore {
             Ok(result) => result,
             Err(_) => {
                 late.store(true, Ordering::Relaxed);
-                Err(StoreError::Unavailable(format!("no answer within {limit:?}")))
+                Err(StoreError::Unavailable(format!(
+                    "no answer within {limit:?}"
+                )))
             }
         };
         if let Err(error) = &result {

@@ -224,6 +224,16 @@ fn auth(service: &Service, key: &str, uri: &str) -> Response {
 }
 
 /// A line of `/metrics` (`name{labels} value`, or `name value`); 0 when absent.
+/// `uma_usage_records_total` by result: accepted, duplicate, rejected.
+fn record_results(service: &Service) -> [f64; 3] {
+    ["accepted", "duplicate", "rejected"].map(|r| {
+        metric(
+            service,
+            &format!("uma_usage_records_total{{result=\"{r}\"}}"),
+        )
+    })
+}
+
 fn metric(service: &Service, series: &str) -> f64 {
     let text = service.get("/metrics", &[]).body;
     text.lines()
@@ -1230,18 +1240,7 @@ fn kong_http_log_single_and_batched_with_bad_records() {
         ledger.day("alice", "a1").cost,
         parse_cost("0.0003381").unwrap()
     );
-    assert_eq!(
-        metric(&service, r#"uma_usage_records_total{result="accepted"}"#),
-        5.0
-    );
-    assert_eq!(
-        metric(&service, r#"uma_usage_records_total{result="duplicate"}"#),
-        4.0
-    );
-    assert_eq!(
-        metric(&service, r#"uma_usage_records_total{result="rejected"}"#),
-        13.0
-    );
+    assert_eq!(record_results(&service), [5.0, 4.0, 13.0]);
 }
 
 // =============================================================================================
@@ -2015,14 +2014,7 @@ fn embedded_mode_ingests_bills_deduplicates_and_enforces_budgets() {
     let e2 = entry_usage(&doc, "e2").unwrap();
     assert_eq!(e2.day.tokens(), (2, 0, UNIT), "{doc}");
     assert_eq!(e2.remaining, json!({"cost_per_day": "0"}), "{doc}");
-    assert_eq!(
-        metric(&service, r#"uma_usage_records_total{result="duplicate"}"#),
-        2.0
-    );
-    assert_eq!(
-        metric(&service, r#"uma_usage_records_total{result="accepted"}"#),
-        5.0
-    );
+    assert_eq!(record_results(&service), [5.0, 2.0, 0.0]);
 }
 
 #[test]

@@ -480,14 +480,7 @@ impl RedisStore {
         let key_names: Vec<&str> = key_names.iter().map(String::as_str).collect();
         let mut args = vec![prefix.as_str(), suffix.as_str()];
         args.extend_from_slice(known_entries);
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        evalsha(&mut pipe, &scripts::READ_USAGE, &key_names, &args);
-        let reply = self
-            .query_scripts(&pipe, &[&scripts::READ_USAGE])
-            .await?
-            .pop()
-            .unwrap_or(Value::Nil);
+        let reply = self.script(&scripts::READ_USAGE, &key_names, &args).await?;
         let usage = parse_usage(reply);
         if usage.is_err() {
             self.errors.increment(1);
@@ -534,15 +527,8 @@ impl RedisStore {
         key: &str,
         args: &[String],
     ) -> Result<QuotaReply, StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        evalsha(&mut pipe, lua, &[key], &args);
-        let reply = self
-            .query_scripts(&pipe, &[lua])
-            .await?
-            .pop()
-            .unwrap_or(Value::Nil);
+        let reply = self.script(lua, &[key], &args).await?;
         let parsed = match &reply {
             Value::Array(items) => match items.as_slice() {
                 [Value::Int(held), Value::Int(total)] if *held >= 0 => Some(QuotaReply {
@@ -557,6 +543,18 @@ impl RedisStore {
             self.errors.increment(1);
             StoreError::Rejected(format!("quota key {key}: {reply:?}"))
         })
+    }
+
+    /// One script's reply (loaded again if Redis lost it).
+    async fn script(&self, lua: &Lua, keys: &[&str], args: &[&str]) -> Result<Value, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        evalsha(&mut pipe, lua, keys, args);
+        Ok(self
+            .query_scripts(&pipe, &[lua])
+            .await?
+            .pop()
+            .unwrap_or(Value::Nil))
     }
 
     /// Runs a pipeline of EVALSHAs (built with `ignore_errors`, so each command has its own reply);

@@ -166,14 +166,9 @@ impl RedisStore {
             month_suffix.as_str(),
         ];
         args.extend_from_slice(known);
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        super::evalsha(&mut pipe, &scripts::READ_USAGE_SUMS, &[&index], &args);
         let reply = self
-            .query_scripts(&pipe, &[&scripts::READ_USAGE_SUMS])
-            .await?
-            .pop()
-            .unwrap_or(Value::Nil);
+            .script(&scripts::READ_USAGE_SUMS, &[&index], &args)
+            .await?;
         let report = report_of(reply);
         if report.is_err() {
             self.errors.increment(1);

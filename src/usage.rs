@@ -32,7 +32,7 @@ use crate::config::{OnRedisDown, UsageSettings};
 use crate::core::Refusal;
 use crate::core::limits::Limits;
 use crate::core::model::SLOTS;
-use crate::core::quota::{Spent, Standing, budget_standings};
+use crate::core::quota::{BudgetWindows, Spent, Standing, budget_standings};
 use crate::core::usage::Totals;
 use crate::store::{
     BatchOutcome, RedisStore, StoreError, StoredDay, StoredRecord, StoredSpent, UsageBatch,
@@ -255,17 +255,21 @@ struct View {
     /// This replica's records confirmed since (when, date, totals): added until a read sent after
     /// them comes back.
     confirmed: Vec<(Instant, Date, Totals)>,
-    last_used: Instant,
+    /// Asked about since the last refresh (a flag, not a time: `/auth` reads no clock for it).
+    used: bool,
+    /// Since when nobody has asked (set by the refresh).
+    idle_since: Option<Instant>,
 }
 
 impl View {
-    fn new(now: Instant) -> View {
+    fn new() -> View {
         View {
             read_date: None,
             read: StoredSpent::default(),
             read_sent: None,
             confirmed: Vec::new(),
-            last_used: now,
+            used: true,
+            idle_since: None,
         }
     }
 
@@ -319,11 +323,40 @@ struct State {
     /// The last report read from Redis per consumer and date, for answers while it is down.
     shown: ShownReports,
     newest_date: Option<Date>,
+    /// The budget windows of the current day.
+    windows: Option<BudgetWindows>,
 }
 
 impl State {
     fn view_mut(&mut self, consumer: &str, entry: &str) -> Option<&mut View> {
         self.views.get_mut(consumer)?.get_mut(entry)
+    }
+
+    /// The budget windows at `now`, computed once a day.
+    fn windows_at(&mut self, now: Timestamp, zone: &TimeZone) -> BudgetWindows {
+        match self.windows {
+            Some(w) if w.hold(now) => w,
+            _ => *self.windows.insert(BudgetWindows::at(now, zone)),
+        }
+    }
+
+    /// What (consumer, entry) spent on `today` as far as this replica knows without asking
+    /// Redis: everything in `embedded` mode, else its view plus the records waiting here; `None`
+    /// when Redis mode has no view of the pair yet.
+    fn known_spent(
+        &mut self,
+        consumer: &str,
+        entry: &str,
+        today: Date,
+        embedded: bool,
+    ) -> Option<Spent> {
+        let waiting = self.sums.spent(consumer, entry, today);
+        if embedded {
+            return Some(waiting);
+        }
+        let view = self.view_mut(consumer, entry)?;
+        view.used = true;
+        Some(merge(view.spent(today), waiting))
     }
 }
 
@@ -694,67 +727,65 @@ impl UsageBook {
         limits: &Limits,
         now: Timestamp,
     ) -> Result<Vec<Standing>, Refusal> {
-        let today = self.zone.to_datetime(now).date();
-        let spent = match &self.shared {
-            None => {
-                let state = self.lock();
-                state.sums.spent(consumer, entry, today)
+        let mut refusing = true;
+        if let Some(shared) = &self.shared
+            && !shared.store.is_up()
+        {
+            match shared.on_redis_down {
+                OnRedisDown::Deny => return Err(Refusal::Unavailable),
+                OnRedisDown::Allow => refusing = false,
+                OnRedisDown::Local => {}
             }
-            Some(shared) => {
-                if !shared.store.is_up() {
-                    match shared.on_redis_down {
-                        OnRedisDown::Deny => return Err(Refusal::Unavailable),
-                        OnRedisDown::Allow => {
-                            return Ok(budget_standings(
-                                limits,
-                                &Spent::default(),
-                                now,
-                                &self.zone,
-                            )
-                            .into_iter()
-                            .map(|s| Standing {
-                                refused: false,
-                                ..s
-                            })
-                            .collect());
-                        }
-                        OnRedisDown::Local => {}
-                    }
-                }
-                self.viewed_spent(shared, consumer, entry, today).await
-            }
+        }
+        // One lock for the usual call: the windows (cached for the day) and the totals.
+        let (windows, known) = {
+            let mut state = self.lock();
+            let windows = state.windows_at(now, &self.zone);
+            (
+                windows,
+                state.known_spent(consumer, entry, windows.date(), self.shared.is_none()),
+            )
         };
-        Ok(budget_standings(limits, &spent, now, &self.zone))
+        let spent = match (known, &self.shared) {
+            (Some(spent), _) => spent,
+            (None, Some(shared)) => {
+                self.first_read(shared, consumer, entry, windows.date())
+                    .await
+            }
+            (None, None) => Spent::default(),
+        };
+        let mut standings = budget_standings(limits, &spent, &windows);
+        if !refusing {
+            standings.iter_mut().for_each(|s| s.refused = false);
+        }
+        Ok(standings)
     }
 
     /// What (consumer, entry) spent in the budgets' windows now, as the budgets see it.
     pub async fn spent(&self, consumer: &Arc<str>, entry: &Arc<str>) -> Spent {
-        let today = SlotStamp::at(self.clock.now(), &self.zone).date;
+        let now = self.clock.now();
+        let today = {
+            let mut state = self.lock();
+            let today = state.windows_at(now, &self.zone).date();
+            if let Some(spent) = state.known_spent(consumer, entry, today, self.shared.is_none()) {
+                return spent;
+            }
+            today
+        };
         match &self.shared {
-            None => self.lock().sums.spent(consumer, entry, today),
-            Some(shared) => self.viewed_spent(shared, consumer, entry, today).await,
+            Some(shared) => self.first_read(shared, consumer, entry, today).await,
+            None => Spent::default(),
         }
     }
 
-    /// A pair's totals from its view; the first call on a pair reads them from Redis.
-    async fn viewed_spent(
+    /// The first call on a pair in Redis mode: reads its totals (one round trip) and keeps a view.
+    async fn first_read(
         &self,
         shared: &Shared,
         consumer: &Arc<str>,
         entry: &Arc<str>,
         today: Date,
     ) -> Spent {
-        let known = {
-            let mut state = self.lock();
-            let waiting = state.sums.spent(consumer, entry, today);
-            state.view_mut(consumer, entry).map(|view| {
-                view.last_used = Instant::now();
-                merge(view.spent(today), waiting)
-            })
-        };
-        if let Some(spent) = known {
-            return spent;
-        }
         let sent = Instant::now();
         let read = if shared.store.is_up() {
             shared
@@ -774,7 +805,7 @@ impl UsageBook {
             .entry(consumer.clone())
             .or_default()
             .entry(entry.clone())
-            .or_insert_with(|| View::new(sent));
+            .or_insert_with(View::new);
         if let Some(read) = read
             && view.read_sent.is_none_or(|s| s < sent)
         {
@@ -791,8 +822,14 @@ impl UsageBook {
         let today = SlotStamp::at(self.clock.now(), &self.zone).date;
         let pairs: Vec<Pair> = {
             let mut state = self.lock();
+            let now = Instant::now();
             for entries in state.views.values_mut() {
-                entries.retain(|_, v| v.last_used.elapsed() < VIEW_IDLE);
+                entries.retain(|_, v| {
+                    if std::mem::take(&mut v.used) {
+                        v.idle_since = None;
+                    }
+                    now.duration_since(*v.idle_since.get_or_insert(now)) < VIEW_IDLE
+                });
             }
             state.views.retain(|_, entries| !entries.is_empty());
             state

@@ -232,6 +232,11 @@ fn at_the_limit_a_new_connection_closes_the_longest_idle_one() {
         assert!(!is_closed(stream), "connection {i} was closed");
         assert_eq!(healthz(stream), 200, "connection {i}");
     }
+    // The log line is read from the child's stderr by another thread: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !service.logs().contains("at the connection limit") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(service.logs().contains("at the connection limit"));
 }
 

@@ -1047,10 +1047,15 @@ fn kubernetes_manifests_agree_with_the_image_and_config() {
         .iter()
         .map(|e| {
             let name = e["name"].as_str().expect("env name").to_owned();
-            let value = e["value"]
-                .as_str()
-                .unwrap_or_else(|| panic!("{name}: a literal value"));
-            (name, value.to_owned())
+            // A secret (the usage token) comes from an optional Secret, never a literal.
+            let value = match e["valueFrom"]["secretKeyRef"]["optional"].as_bool() {
+                Some(true) => String::new(),
+                _ => e["value"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{name}: a literal value or an optional Secret"))
+                    .to_owned(),
+            };
+            (name, value)
         })
         .collect();
     for (name, _) in &env {

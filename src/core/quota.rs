@@ -6,8 +6,6 @@
 //! with is computed here, so windows, remaining counts and headers are unit-tested with a fixed
 //! clock.
 
-use std::fmt::Write as _;
-
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 
@@ -67,15 +65,13 @@ pub struct Standing {
 
 /// `"minute";q=60;w=60, "slot";q=100;w=7200, "day";q=1000;w=86400`
 pub fn policy_field(standings: &[Standing]) -> String {
-    let mut out = String::new();
-    for (i, s) in standings.iter().enumerate() {
-        let sep = if i > 0 { ", " } else { "" };
-        let _ = write!(
-            out,
-            "{sep}\"{}\";q={};w={}",
-            s.member,
-            structured_integer(s.limit.limit),
-            s.limit.window.length_secs().max(1)
+    let mut out = String::with_capacity(32 * standings.len());
+    for s in standings {
+        member(&mut out, s.member, "q", structured_integer(s.limit.limit));
+        parameter(
+            &mut out,
+            "w",
+            s.limit.window.length_secs().max(1).unsigned_abs(),
         );
     }
     out
@@ -83,18 +79,32 @@ pub fn policy_field(standings: &[Standing]) -> String {
 
 /// `"minute";r=59;t=42, "slot";r=97;t=3100, "day";r=905;t=50300`
 pub fn state_field(standings: &[Standing], now: Timestamp) -> String {
-    let mut out = String::new();
-    for (i, s) in standings.iter().enumerate() {
-        let sep = if i > 0 { ", " } else { "" };
-        let _ = write!(
-            out,
-            "{sep}\"{}\";r={};t={}",
-            s.member,
-            structured_integer(s.remaining),
-            s.limit.window.secs_until_end(now)
-        );
+    let mut out = String::with_capacity(32 * standings.len());
+    for s in standings {
+        member(&mut out, s.member, "r", structured_integer(s.remaining));
+        parameter(&mut out, "t", s.limit.window.secs_until_end(now));
     }
     out
+}
+
+/// `, "name";key=value` (no separator first). Written by hand: these fields are built on every
+/// answer for an entry with limits, and `format!` machinery was most of their cost.
+fn member(out: &mut String, name: &str, key: &str, value: u64) {
+    if !out.is_empty() {
+        out.push_str(", ");
+    }
+    out.push('"');
+    out.push_str(name);
+    out.push('"');
+    parameter(out, key, value);
+}
+
+/// `;key=value`
+fn parameter(out: &mut String, key: &str, value: u64) {
+    out.push(';');
+    out.push_str(key);
+    out.push('=');
+    out.push_str(itoa::Buffer::new().format(value));
 }
 
 /// `Retry-After`: whole seconds until the latest end among the refusing windows, at least 1.
@@ -116,32 +126,63 @@ pub struct Spent {
     pub cost_month: Amount,
 }
 
+/// The windows budgets count in at one moment: the local day and month.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetWindows {
+    pub day: Window,
+    pub month: Window,
+}
+
+impl BudgetWindows {
+    pub fn at(now: Timestamp, zone: &TimeZone) -> BudgetWindows {
+        BudgetWindows {
+            day: Window::of(WindowKind::Day, now, zone),
+            month: Window::of(WindowKind::Month, now, zone),
+        }
+    }
+
+    /// Whether these are still the windows at `now` (so they can be reused).
+    pub fn hold(&self, now: Timestamp) -> bool {
+        self.day.start <= now && now < self.day.end
+    }
+
+    /// The local date of the day window.
+    pub fn date(&self) -> jiff::civil::Date {
+        match self.day.id {
+            WindowId::Day(date) | WindowId::Slot(date, _) | WindowId::Month(date) => date,
+            WindowId::Minute(_) => jiff::civil::Date::MIN,
+        }
+    }
+}
+
 /// The token and cost budgets of `limits` and where `spent` leaves them, in member order
 /// (`tokens-day`, `cost-day`, `cost-month`). A budget refuses once what was recorded reaches it;
 /// for costs `q` and `r` are whole units of the price, rounded down.
-pub fn budget_standings(
-    limits: &Limits,
-    spent: &Spent,
-    now: Timestamp,
-    zone: &TimeZone,
-) -> Vec<Standing> {
-    let day = Window::of(WindowKind::Day, now, zone);
+pub fn budget_standings(limits: &Limits, spent: &Spent, windows: &BudgetWindows) -> Vec<Standing> {
     let mut out = Vec::with_capacity(3);
     if let Some(limit) = limits.tokens_per_day {
         out.push(Standing {
             member: "tokens-day",
-            limit: WindowLimit { window: day, limit },
+            limit: WindowLimit {
+                window: windows.day,
+                limit,
+            },
             remaining: limit.saturating_sub(spent.tokens_day),
             refused: spent.tokens_day >= limit,
         });
     }
     let costs = [
-        ("cost-day", &limits.cost_per_day, spent.cost_day, day),
+        (
+            "cost-day",
+            &limits.cost_per_day,
+            spent.cost_day,
+            windows.day,
+        ),
         (
             "cost-month",
             &limits.cost_per_month,
             spent.cost_month,
-            Window::of(WindowKind::Month, now, zone),
+            windows.month,
         ),
     ];
     for (member, limit, spent, window) in costs {

@@ -15,6 +15,8 @@ use crate::core::{Consumer, Entry, RateLimitFields, Refusal};
 
 pub type Body = Full<Bytes>;
 
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 const BEARER_REALM: HeaderValue = HeaderValue::from_static("Bearer realm=\"user-metadata-auth\"");
 const KEY_REALM: HeaderValue = HeaderValue::from_static("Key realm=\"user-metadata-auth\"");
@@ -55,21 +57,19 @@ pub fn refuse(refusal: &Refusal) -> Response<Body> {
         if let Ok(seconds) = HeaderValue::from_str(&by.retry_after.to_string()) {
             headers.insert(RETRY_AFTER, seconds);
         }
-        rate_limit_fields(&mut response, &by.fields);
+        rate_limit_fields(&mut response, by.fields.clone());
     }
     response
 }
 
 /// `RateLimit-Policy` and `RateLimit` (SPEC §8.1), on a 200 or a 429 for an entry with limits.
-pub fn rate_limit_fields(response: &mut Response<Body>, fields: &RateLimitFields) {
+pub fn rate_limit_fields(response: &mut Response<Body>, fields: RateLimitFields) {
     let headers = response.headers_mut();
-    // Built from integers and fixed names only, so always valid header values.
-    for (name, value) in [
-        ("ratelimit-policy", &fields.policy),
-        ("ratelimit", &fields.state),
-    ] {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            headers.insert(HeaderName::from_static(name), value);
+    // Built from integers and fixed names only, so always valid header values; the strings are
+    // moved into the values, not copied.
+    for (name, value) in [(RATELIMIT_POLICY, fields.policy), (RATELIMIT, fields.state)] {
+        if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
+            headers.insert(name, value);
         }
     }
 }

@@ -199,7 +199,7 @@ impl App {
         }
         tracing::debug!(consumer = %consumer.username, entry = %entry.id, path = %request.original.path, "allow");
         let mut response = answer::allow(consumer, entry);
-        if let Some(fields) = &rate_limit {
+        if let Some(fields) = rate_limit {
             answer::rate_limit_fields(&mut response, fields);
         }
         Ok(response)

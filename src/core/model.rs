@@ -35,6 +35,9 @@ pub const METADATA_HEADER_NAMES: [&str; 12] = [
     "x-consumer-groups",
 ];
 
+/// The RateLimit fields of an answer for an entry with limits (SPEC §8.1).
+pub const RATE_LIMIT_HEADER_NAMES: [&str; 2] = ["ratelimit-policy", "ratelimit"];
+
 /// Number of slots in a day (`T1`..`T12`).
 pub const SLOTS: usize = 12;
 
@@ -167,7 +170,7 @@ impl Entry {
         let json = entry_json(&fields, &tdl_json, &headers[1]);
         Ok(Entry {
             id: Arc::from(fields.id.as_str()),
-            answer_headers: answer_headers(&headers),
+            answer_headers: answer_headers(&headers, fields.limits.is_some()),
             fields,
             headers,
             tdl_json,
@@ -213,11 +216,18 @@ fn with_identity(entry_headers: &HeaderMap, identity: &[HeaderValue; 3]) -> Head
     map
 }
 
-fn answer_headers(values: &[HeaderValue; 9]) -> HeaderMap {
+/// An entry with `limits` gets the two RateLimit fields as empty placeholders, which every allow
+/// answer overwrites in place: inserting them into a cloned map would grow it on every call.
+fn answer_headers(values: &[HeaderValue; 9], limited: bool) -> HeaderMap {
     let mut map = HeaderMap::with_capacity(16);
     map.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     for (name, value) in METADATA_HEADER_NAMES.iter().zip(values) {
         map.insert(HeaderName::from_static(name), value.clone());
+    }
+    if limited {
+        for name in RATE_LIMIT_HEADER_NAMES {
+            map.insert(HeaderName::from_static(name), HeaderValue::from_static(""));
+        }
     }
     map
 }

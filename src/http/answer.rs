@@ -66,10 +66,16 @@ pub fn refuse(refusal: &Refusal) -> Response<Body> {
 pub fn rate_limit_fields(response: &mut Response<Body>, fields: RateLimitFields) {
     let headers = response.headers_mut();
     // Built from integers and fixed names only, so always valid header values; the strings are
-    // moved into the values, not copied.
+    // moved into the values, not copied. No member in force (a slot map without this slot): no
+    // field, so the placeholders an allow answer carries go.
     for (name, value) in [(RATELIMIT_POLICY, fields.policy), (RATELIMIT, fields.state)] {
-        if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
-            headers.insert(name, value);
+        match HeaderValue::from_maybe_shared(Bytes::from(value)) {
+            Ok(value) if !value.is_empty() => {
+                headers.insert(name, value);
+            }
+            _ => {
+                headers.remove(name);
+            }
         }
     }
 }

@@ -35,13 +35,10 @@ fn entry(id: &str, input: &str, output: &str, extra: &str) -> String {
 
 /// A consumer with one key and its own metadata list.
 fn consumer(name: &str, key: &str, entries: &[String]) -> String {
-    let mut out = format!(
-        "  - username: {name}\n    keyauth_credentials: [{{key: {key}}}]\n    plugins:\n      - name: user-metadata\n        config:\n          metadata_list:\n"
-    );
-    for e in entries {
-        out.push_str(e);
-    }
-    out
+    format!(
+        "  - username: {name}\n    keyauth_credentials: [{{key: {key}}}]\n    plugins:\n      - name: user-metadata\n        config:\n          metadata_list:\n{}",
+        entries.concat()
+    )
 }
 
 fn seed(consumers: &[String]) -> String {
@@ -2174,13 +2171,10 @@ fn check(seed: &str, config: Option<&str>) -> Checked {
 
 /// A route named `name` on `path` with its own metadata list.
 fn route(name: &str, path: &str, entries: &[String]) -> String {
-    let mut out = format!(
-        "  - name: {name}\n    paths: [{path}]\n    plugins:\n      - name: user-metadata\n        config:\n          metadata_list:\n"
-    );
-    for e in entries {
-        out.push_str(e);
-    }
-    out
+    format!(
+        "  - name: {name}\n    paths: [{path}]\n    plugins:\n      - name: user-metadata\n        config:\n          metadata_list:\n{}",
+        entries.concat()
+    )
 }
 
 fn global(entries: &[String]) -> String {

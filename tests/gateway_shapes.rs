@@ -1278,6 +1278,28 @@ fn run_plugin(service: &Service, call: &KongCall, answer: Option<&Response>) -> 
 
 /// Runs the plugin once with the service unreachable (which also records the request it makes),
 /// replays that request against the real service, then runs it again with the service's answer.
+/// The plugin ends the call with the service's 429 as it is: status, body, `Retry-After`, the
+/// RateLimit fields, content type and caching.
+fn assert_kong_relays_429(refused: &PluginRun, answer: &Response) {
+    assert_eq!(refused.exit(), Some(429), "{}", refused.dump());
+    assert_eq!(refused.values("EXIT_BODY"), [answer.body.as_str()]);
+    let exit_headers = refused.pairs("EXIT_HEADER");
+    for name in [
+        "Retry-After",
+        "RateLimit-Policy",
+        "RateLimit",
+        "Content-Type",
+        "Cache-Control",
+    ] {
+        let sent = exit_headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str());
+        assert!(sent.is_some(), "{name} missing: {}", refused.dump());
+        assert_eq!(sent, answer.header(name), "{name}");
+    }
+}
+
 fn kong_round_trip(service: &Service, call: &KongCall) -> (PluginRun, Response, PluginRun) {
     let unreachable = run_plugin(service, call, None);
     let calls = unreachable.tagged("CALL");
@@ -1559,23 +1581,7 @@ fn kong_plugin_relays_the_ratelimit_fields_to_the_client() {
     // The 4th call: the service's 429 goes to the client with its body, Retry-After and fields.
     let (_, answer, refused) = kong_round_trip(&service, &call);
     assert_rate_limited(&answer);
-    assert_eq!(refused.exit(), Some(429), "{}", refused.dump());
-    assert_eq!(refused.values("EXIT_BODY"), [answer.body.as_str()]);
-    let exit_headers = refused.pairs("EXIT_HEADER");
-    for name in [
-        "Retry-After",
-        "RateLimit-Policy",
-        "RateLimit",
-        "Content-Type",
-        "Cache-Control",
-    ] {
-        let sent = exit_headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str());
-        assert!(sent.is_some(), "{name} missing: {}", refused.dump());
-        assert_eq!(sent, answer.header(name), "{name}");
-    }
+    assert_kong_relays_429(&refused, &answer);
     assert!(
         refused.tagged("CLIENT_SET").is_empty(),
         "{}",
@@ -1690,23 +1696,7 @@ fn budget_refusals_reach_the_client_through_traefik_envoy_and_kong() {
     };
     let (_, answer, refused) = kong_round_trip(&service, &kong_call);
     assert_budget_refused(&answer);
-    assert_eq!(refused.exit(), Some(429), "{}", refused.dump());
-    assert_eq!(refused.values("EXIT_BODY"), [answer.body.as_str()]);
-    let exit_headers = refused.pairs("EXIT_HEADER");
-    for name in [
-        "Retry-After",
-        "RateLimit-Policy",
-        "RateLimit",
-        "Content-Type",
-        "Cache-Control",
-    ] {
-        let sent = exit_headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str());
-        assert!(sent.is_some(), "{name} missing: {}", refused.dump());
-        assert_eq!(sent, answer.header(name), "{name}");
-    }
+    assert_kong_relays_429(&refused, &answer);
     assert!(refused.values("UPSTREAM_SET").is_empty());
 }
 

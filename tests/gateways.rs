@@ -484,14 +484,7 @@ fn request_limits_reach_the_client_as_429_with_retry_after_and_the_ratelimit_fie
             "{name}: the service's body, not the upstream's"
         );
         assert_eq!(r.header("cache-control"), Some("no-store"), "{name}");
-        let retry_after: u64 = r
-            .header("retry-after")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name}: Retry-After must be an integer: {r:?}"));
-        assert!(
-            retry_after >= 1 && retry_after.abs_diff(secs_to_utc_midnight()) <= 2,
-            "{name}: Retry-After {retry_after}"
-        );
+        let retry_after = retry_after_to_midnight(&r, name);
         assert_eq!(
             r.header("ratelimit-policy"),
             Some(r#""day";q=2;w=86400"#),
@@ -657,14 +650,7 @@ fn budget_refusals_reach_the_client_as_429_usage_budget_exceeded() {
         );
         assert!(!r.body.contains("\"uri\""), "{name}: reached the upstream");
         assert_eq!(r.header("cache-control"), Some("no-store"), "{name}");
-        let retry_after: u64 = r
-            .header("retry-after")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name}: Retry-After must be an integer: {r:?}"));
-        assert!(
-            retry_after >= 1 && retry_after.abs_diff(secs_to_utc_midnight()) <= 2,
-            "{name}: Retry-After {retry_after}"
-        );
+        let retry_after = retry_after_to_midnight(&r, name);
         assert_eq!(r.header_count("ratelimit-policy"), 1, "{name}: {r:?}");
         assert_eq!(
             r.header("ratelimit-policy"),
@@ -826,4 +812,17 @@ fn non_ascii_queries_and_paths_never_skip_the_acl() {
             );
         }
     }
+}
+
+/// `Retry-After` of a daily limit's 429: whole seconds, about the time to UTC midnight.
+fn retry_after_to_midnight(r: &Response, name: &str) -> u64 {
+    let retry_after: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name}: Retry-After must be an integer: {r:?}"));
+    assert!(
+        retry_after >= 1 && retry_after.abs_diff(secs_to_utc_midnight()) <= 2,
+        "{name}: Retry-After {retry_after}"
+    );
+    retry_after
 }

@@ -184,13 +184,43 @@ async fn serve_until_signal(loaded: Loaded, catalog: Catalog) -> ExitCode {
         }
     };
     tracing::info!(%addr, "listening");
+    let options = service::serve_options(&loaded);
+    let (stopping, stop_admin) = tokio::sync::watch::channel(false);
+    let admin = match service::build_admin(&loaded, &app) {
+        Some((listen, admin)) => match crate::http::bind(listen).await {
+            Ok((admin_listener, admin_addr)) => {
+                tracing::info!(addr = %admin_addr, "admin API listening");
+                let mut stop_admin = stop_admin;
+                Some(tokio::spawn(crate::http::serve(
+                    admin_listener,
+                    admin,
+                    options,
+                    async move {
+                        let _ = stop_admin.wait_for(|s| *s).await;
+                    },
+                )))
+            }
+            Err(e) => {
+                eprintln!("error: cannot listen on {listen} (admin.listen): {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => {
+            tracing::info!("no admin token set (admin.token, admin.token_file): admin API closed");
+            None
+        }
+    };
     let draining = app.clone();
     let shutdown = async move {
         shutdown.await;
         // Not ready from the signal on, so a load balancer stops sending while connections drain.
         draining.ready.begin_shutdown();
+        let _ = stopping.send(true);
     };
-    crate::http::serve(listener, app, service::serve_options(&loaded), shutdown).await;
+    crate::http::serve(listener, app, options, shutdown).await;
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
     background.stop().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS

@@ -35,6 +35,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub limits: LimitsSettings,
     pub usage: UsageSettings,
+    pub admin: AdminSettings,
     pub capabilities: CapabilitiesSettings,
     pub log: LogSettings,
     pub routes: Vec<RouteSettings>,
@@ -63,6 +64,8 @@ pub struct SeedSettings {
     pub path: PathBuf,
     /// Largest seed file read; a larger one is refused before any byte is read.
     pub max_bytes: u64,
+    /// Reload the seed when its file changes (the directory is watched).
+    pub watch: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -162,6 +165,48 @@ impl Default for UsageSettings {
         }
     }
 }
+
+/// The admin listener and API (SPEC §10).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Address of the admin listener; opened only when a token is configured.
+    pub listen: String,
+    /// The admin bearer token (actor `admin` in the audit trail); at least 32 characters.
+    pub token: Option<String>,
+    /// A file of tokens, one per line: `TOKEN` (actor `admin`) or `NAME TOKEN`; `#` starts a comment.
+    pub token_file: Option<PathBuf>,
+    /// Entries the audit stream `uma:audit` keeps (older ones are trimmed).
+    pub audit_max_entries: u64,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            listen: "127.0.0.1:8090".into(),
+            token: None,
+            token_file: None,
+            audit_max_entries: 100_000,
+        }
+    }
+}
+
+/// One admin bearer token and the name the audit trail gives whoever presents it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken {
+    pub name: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself: `Loaded` is logged in debug output.
+        write!(f, "AdminToken({})", self.name)
+    }
+}
+
+/// Shortest admin token accepted (SPEC §10).
+pub const ADMIN_TOKEN_MIN_CHARS: usize = 32;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -278,6 +323,7 @@ impl Default for Settings {
             auth: AuthSettings::default(),
             limits: LimitsSettings::default(),
             usage: UsageSettings::default(),
+            admin: AdminSettings::default(),
             capabilities: CapabilitiesSettings::default(),
             log: LogSettings::default(),
             routes: Vec::new(),
@@ -303,6 +349,7 @@ impl Default for SeedSettings {
         SeedSettings {
             path: PathBuf::from("config/seed.yaml"),
             max_bytes: 536_870_912,
+            watch: true,
         }
     }
 }
@@ -364,6 +411,15 @@ pub struct Loaded {
     pub capability_names: CapabilityNames,
     /// The file the settings came from, when there was one.
     pub source: Option<PathBuf>,
+    /// The admin listener's address and tokens; `None` when no token is set (listener closed).
+    pub admin: Option<AdminAccess>,
+}
+
+/// What the admin listener runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminAccess {
+    pub listen: SocketAddr,
+    pub tokens: Vec<AdminToken>,
 }
 
 /// The range of one numeric setting (SPEC §2). `check`, and so `serve`, refuses a value outside it
@@ -476,6 +532,9 @@ pub mod bounds {
         Bound::new("usage.max_pending_records", 1, 100_000_000, "");
     /// Budgets must be seen within a second on every replica (SPEC §9).
     pub const USAGE_BUDGET_REFRESH_MS: Bound = Bound::new("usage.budget_refresh_ms", 10, 1000, "");
+    /// `XADD … MAXLEN ~` needs at least one; ten million entries is a few GB of Redis.
+    pub const ADMIN_AUDIT_MAX_ENTRIES: Bound =
+        Bound::new("admin.audit_max_entries", 1, 10_000_000, "10 million");
     pub const AUTH_BODY_TIMEOUT_MS: Bound =
         Bound::new("auth.body_timeout_ms", 1, HOUR_MS, "1 hour");
     /// The memory all bodies being read may take together; 16 GiB is more than a pod should hold.
@@ -483,7 +542,7 @@ pub mod bounds {
         Bound::new("auth.max_body_bytes_in_flight", 1, 16 << 30, "16 GiB");
 
     /// Every numeric setting, in config/default.toml order (README's range table lists them all).
-    pub const ALL: [Bound; 27] = [
+    pub const ALL: [Bound; 28] = [
         REDIS_CACHE_TTL_SECS,
         REDIS_POOL_SIZE,
         REDIS_CONNECT_TIMEOUT_MS,
@@ -511,6 +570,7 @@ pub mod bounds {
         USAGE_MAX_BODY_BYTES,
         USAGE_MAX_PENDING_RECORDS,
         USAGE_BUDGET_REFRESH_MS,
+        ADMIN_AUDIT_MAX_ENTRIES,
     ];
 }
 
@@ -838,6 +898,8 @@ impl Settings {
         self.auth.gateway_secret = self.auth.gateway_secret.filter(|s| !s.is_empty());
         self.auth.default_uri = self.auth.default_uri.filter(|s| !s.is_empty());
         self.usage.token = self.usage.token.filter(|s| !s.is_empty());
+        self.admin.token = self.admin.token.filter(|s| !s.is_empty());
+        self.admin.token_file = self.admin.token_file.filter(|p| !p.as_os_str().is_empty());
         let mut checker = Checker {
             origins,
             problems: Vec::new(),
@@ -850,6 +912,7 @@ impl Settings {
         check_server(&mut checker, &self.server);
         check_auth(&mut checker, &self.auth);
         check_usage(&mut checker, &self.usage);
+        let admin = check_admin(&mut checker, &self.admin);
         check_log(&mut checker, &self.log);
         let capability_names = check_capabilities(&mut checker, &self.capabilities);
         let routes = check_routes(&mut checker, &self.routes, &capability_names);
@@ -861,6 +924,7 @@ impl Settings {
                 routes,
                 capability_names,
                 source,
+                admin,
             }),
             _ => Err(checker.problems),
         }
@@ -1005,6 +1069,103 @@ fn check_usage(c: &mut Checker, usage: &UsageSettings) {
 
 /// `/auth-body`'s bounds (SPEC §8.3). `max_body_bytes` above the in-flight budget is allowed: a
 /// reservation is capped at the budget, so one body at a time still fits.
+fn check_admin(c: &mut Checker, admin: &AdminSettings) -> Option<AdminAccess> {
+    c.range(bounds::ADMIN_AUDIT_MAX_ENTRIES, admin.audit_max_entries);
+    let mut tokens = Vec::new();
+    if let Some(token) = &admin.token {
+        tokens.push(AdminToken {
+            name: "admin".into(),
+            token: token.clone(),
+        });
+    }
+    if let Some(path) = &admin.token_file {
+        match read_admin_tokens(path) {
+            Ok(more) => tokens.extend(more),
+            Err(reason) => c.report("admin.token_file", reason),
+        }
+    }
+    for t in &tokens {
+        let field = if admin.token.as_deref() == Some(t.token.as_str()) && t.name == "admin" {
+            "admin.token"
+        } else {
+            "admin.token_file"
+        };
+        if t.token.chars().count() < ADMIN_TOKEN_MIN_CHARS {
+            c.report(
+                field,
+                format!(
+                    "a token must have at least {ADMIN_TOKEN_MIN_CHARS} characters (token `{}`)",
+                    t.name
+                ),
+            );
+        } else if !t.token.bytes().all(|b| b.is_ascii_graphic()) {
+            c.report(
+                field,
+                format!("token `{}` must be visible ASCII without spaces", t.name),
+            );
+        }
+    }
+    let listen = match admin.listen.parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(e) => {
+            c.report(
+                "admin.listen",
+                format!(
+                    "`{}` is not an address:port ({e})",
+                    admin.listen.escape_debug()
+                ),
+            );
+            None
+        }
+    };
+    if tokens.is_empty() {
+        return None;
+    }
+    Some(AdminAccess {
+        listen: listen?,
+        tokens,
+    })
+}
+
+/// `admin.token_file`: one token per line, `TOKEN` (named `admin`) or `NAME TOKEN`; blank lines
+/// and `#` comments skipped. The reason never quotes a line (it may hold a token).
+pub fn read_admin_tokens(path: &Path) -> Result<Vec<AdminToken>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    let mut tokens = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let (name, token) = match (words.next(), words.next(), words.next()) {
+            (Some(token), None, None) => ("admin", token),
+            (Some(name), Some(token), None) => (name, token),
+            _ => {
+                return Err(format!("line {}: expected `TOKEN` or `NAME TOKEN`", n + 1));
+            }
+        };
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
+        {
+            return Err(format!(
+                "line {}: a token name may hold letters, digits and `-_.@`",
+                n + 1
+            ));
+        }
+        tokens.push(AdminToken {
+            name: name.to_owned(),
+            token: token.to_owned(),
+        });
+    }
+    if tokens.is_empty() {
+        return Err(format!("`{}` holds no token", path.display()));
+    }
+    Ok(tokens)
+}
+
 fn check_body_limits(c: &mut Checker, auth: &AuthSettings) {
     c.range(bounds::AUTH_MAX_BODY_BYTES, auth.max_body_bytes);
     c.range(bounds::AUTH_BODY_TIMEOUT_MS, auth.body_timeout_ms);

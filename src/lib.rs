@@ -15,6 +15,7 @@
 //! - `tokenizer` counts `/auth-body`'s input tokens (o200k_base) in linear time.
 //! - `service` wires the pieces; `cli` is what the binary runs.
 
+pub mod admin;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -43,6 +43,9 @@ pub enum Resolution<'c> {
 struct Cached {
     consumer: Option<Arc<Consumer>>,
     fresh_until: Instant,
+    /// The resolver's invalidation epoch when the answer was read: a copy from an earlier epoch is
+    /// never served as fresh (see [`Resolver::invalidate`]).
+    epoch: u64,
 }
 
 impl From<&Cached> for Resolution<'_> {
@@ -63,23 +66,25 @@ thread_local! {
 /// Per-thread bound; past it the thread's copies are dropped and refilled from the shared cache.
 const LOCAL_LIMIT: usize = 4096;
 
-fn local_get(resolver: u64, key: &KeyHash, now: Instant) -> Option<Cached> {
+fn local_get(resolver: u64, key: &KeyHash, now: Instant, epoch: u64) -> Option<Cached> {
     LOCAL.with(|local| {
         local
             .borrow()
             .get(&(resolver, *key))
-            .filter(|c| c.fresh_until > now)
+            .filter(|c| c.fresh_until > now && c.epoch == epoch)
             .cloned()
     })
 }
 
-fn local_put(resolver: u64, key: KeyHash, cached: &Cached) {
+/// `epoch` is the one read before `cached` was: a copy can only be older than its epoch says.
+fn local_put(resolver: u64, key: KeyHash, cached: &Cached, epoch: u64) {
     let copy = Cached {
         consumer: cached
             .consumer
             .as_ref()
             .map(|c| Arc::new(Consumer::clone(c))),
         fresh_until: cached.fresh_until,
+        epoch,
     };
     LOCAL.with(|local| {
         let mut local = local.borrow_mut();
@@ -99,6 +104,9 @@ pub struct Resolver {
     negative: Duration,
     seed_copy_ttl_secs: u64,
     corrupt: Counter,
+    /// Bumped by every invalidation: per-thread copies of an earlier epoch are dropped on sight, and
+    /// an answer read from Redis while an invalidation ran is kept only as a stale fallback.
+    epoch: AtomicU64,
 }
 
 impl Resolver {
@@ -111,6 +119,7 @@ impl Resolver {
         let cache = moka::sync::Cache::builder()
             .max_capacity(settings.max_entries)
             .time_to_live(fresh + Duration::from_secs(settings.stale_ttl_secs))
+            .support_invalidation_closures()
             .build_with_hasher(rustc_hash::FxBuildHasher);
         static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Resolver {
@@ -121,7 +130,39 @@ impl Resolver {
             negative: Duration::from_millis(settings.negative_ttl_ms),
             seed_copy_ttl_secs,
             corrupt: counter!("uma_redis_corrupt_records_total"),
+            epoch: AtomicU64::new(0),
         }
+    }
+
+    /// Forgets every cached answer, in the shared cache and in every thread's copies (a seed
+    /// reload, a pub/sub (re)subscription: a message may have been missed).
+    pub fn invalidate_all(&self) {
+        self.cache.invalidate_all();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Forgets the cached answers `target` may have changed.
+    pub fn invalidate(&self, target: &Invalidation) {
+        match target {
+            Invalidation::Key(key) => self.cache.invalidate(key),
+            Invalidation::Consumer(username) => {
+                let username = username.clone();
+                // Registered, then applied lazily: no read after this returns sees a match.
+                if self
+                    .cache
+                    .invalidate_entries_if(move |_, c| {
+                        c.consumer
+                            .as_ref()
+                            .is_some_and(|c| *c.username == *username)
+                    })
+                    .is_err()
+                {
+                    self.cache.invalidate_all();
+                }
+            }
+            Invalidation::All => self.cache.invalidate_all(),
+        }
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     pub async fn resolve<'c>(&self, catalog: &'c Catalog, key: KeyHash) -> Resolution<'c> {
@@ -133,12 +174,15 @@ impl Resolver {
             };
         };
         let now = Instant::now();
-        if let Some(local) = local_get(self.id, &key, now) {
+        // Read before any cached answer: one read after an invalidation is then never taken for
+        // fresh by this call or stored as fresh for later ones.
+        let epoch = self.epoch.load(Ordering::Acquire);
+        if let Some(local) = local_get(self.id, &key, now, epoch) {
             return (&local).into();
         }
         let cached = self.cache.get(&key);
         if let Some(c) = cached.as_ref().filter(|c| c.fresh_until > now) {
-            local_put(self.id, key, c);
+            local_put(self.id, key, c, epoch);
             return c.into();
         }
         if store.is_up()
@@ -149,9 +193,14 @@ impl Resolver {
             } else {
                 self.negative
             };
+            let read_at = Instant::now();
+            // An invalidation that ran during the read may concern what was read: keep the answer
+            // as a fallback only, and read again next time.
+            let unsettled = self.epoch.load(Ordering::Acquire) != epoch;
             let entry = Cached {
                 consumer,
-                fresh_until: Instant::now() + ttl,
+                fresh_until: if unsettled { read_at } else { read_at + ttl },
+                epoch,
             };
             let resolution = (&entry).into();
             self.cache.insert(key, entry);
@@ -282,6 +331,14 @@ impl Resolver {
             }
         });
     }
+}
+
+/// What an invalidation message (or a local admin write) says may have changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    Key(KeyHash),
+    Consumer(Arc<str>),
+    All,
 }
 
 /// The username an operator's key record (no TTL) names; a seed copy names nobody: it never

@@ -16,10 +16,12 @@ use arc_swap::ArcSwap;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::admin::Admin;
 use crate::clock::Clock;
 use crate::config::Loaded;
 use crate::core::body::BodyRules;
 use crate::core::decide::{Catalog, Policy};
+use crate::http::admin::AdminApp;
 use crate::http::body::BodyReader;
 use crate::http::{self, App, ServeOptions};
 use crate::lookup::{Resolver, seed_copies};
@@ -387,9 +389,25 @@ pub fn serve_options(loaded: &Loaded) -> ServeOptions {
     }
 }
 
+/// The admin API over `app`, when `loaded` configures a token (SPEC §10).
+pub fn build_admin(loaded: &Loaded, app: &Arc<App>) -> Option<(SocketAddr, Arc<AdminApp>)> {
+    let access = loaded.admin.as_ref()?;
+    let admin = Admin {
+        app: app.clone(),
+        store: app.store.clone(),
+        audit_max_entries: loaded.settings.admin.audit_max_entries,
+    };
+    Some((
+        access.listen,
+        Arc::new(AdminApp::new(Arc::new(admin), access.tokens.clone())),
+    ))
+}
+
 /// A server running in the current runtime.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The admin listener's address, when it is open.
+    pub admin_addr: Option<SocketAddr>,
     pub app: Arc<App>,
     background: Background,
     stop: Option<oneshot::Sender<()>>,
@@ -405,11 +423,25 @@ impl Running {
         let (listener, addr) = http::bind(loaded.listen).await?;
         let (stop, stopped) = oneshot::channel::<()>();
         let options = serve_options(loaded);
+        let (admin_stop, admin_stopped) = watch::channel(false);
+        let admin_addr = match build_admin(loaded, &app) {
+            Some((listen, admin)) => {
+                let (admin_listener, admin_addr) = http::bind(listen).await?;
+                let mut stopped = admin_stopped;
+                tokio::spawn(http::serve(admin_listener, admin, options, async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                }));
+                Some(admin_addr)
+            }
+            None => None,
+        };
         let task = tokio::spawn(http::serve(listener, app.clone(), options, async move {
             let _ = stopped.await;
+            let _ = admin_stop.send(true);
         }));
         Ok(Running {
             addr,
+            admin_addr,
             app,
             background,
             stop: Some(stop),

@@ -6,6 +6,7 @@
 //! finish, and idle keep-alive connections are given at most the grace period before they are
 //! dropped.
 
+pub mod admin;
 pub mod answer;
 pub mod body;
 mod conn;
@@ -26,6 +27,33 @@ use tokio::net::TcpListener;
 
 pub use handlers::App;
 
+use http::Response;
+use http::request::Parts;
+
+use answer::Body;
+
+/// What a listener serves: the gateway-facing [`App`] or the admin API.
+pub trait Respond: Send + Sync + 'static {
+    /// Answers one request from `peer`; the body is read only where an endpoint needs it.
+    fn respond(
+        &self,
+        request: &Parts,
+        body: Incoming,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Response<Body>> + Send;
+}
+
+impl Respond for App {
+    fn respond(
+        &self,
+        request: &Parts,
+        body: Incoming,
+        _peer: SocketAddr,
+    ) -> impl Future<Output = Response<Body>> + Send {
+        App::respond(self, request, body)
+    }
+}
+
 /// Connection settings.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
@@ -36,9 +64,9 @@ pub struct ServeOptions {
 }
 
 /// Serves until `shutdown` resolves, then drains connections for at most the grace period.
-pub async fn serve(
+pub async fn serve<A: Respond>(
     listener: TcpListener,
-    app: Arc<App>,
+    app: Arc<A>,
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -72,7 +100,7 @@ pub async fn serve(
             async move {
                 // Only `/auth-body` reads the body; everywhere else it is dropped unread.
                 let (parts, body) = request.into_parts();
-                Ok::<_, Infallible>(in_flight.respond(&parts, body).await)
+                Ok::<_, Infallible>(in_flight.respond(&parts, body, peer).await)
             }
         });
         let io = TokioIo::new(admitted.watch(stream));

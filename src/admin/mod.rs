@@ -6,6 +6,8 @@
 //! not at all; Redis unreachable (or embedded mode) refuses the write with 503 instead of applying
 //! half of it.
 
+pub mod audit;
+
 use std::sync::Arc;
 
 use http::StatusCode;

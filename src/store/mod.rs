@@ -8,9 +8,12 @@
 //! Pipelines are sent with per-command results (`ignore_errors`): one key of the wrong type is that
 //! key's problem, reported with its name, never a failure of everything else in the round trip.
 
+mod admin;
 pub mod keys;
 pub mod scripts;
 mod usage;
+
+pub use admin::{AdminOp, AdminWrite, AuditRow, INVALIDATION_CHANNEL, KeyKind};
 
 pub use usage::{BatchOutcome, StoredDay, StoredRecord, StoredSpent, UsageBatch, UsageTtls};
 
@@ -155,6 +158,8 @@ pub struct RedisStore {
     up_gauge: Gauge,
     errors: Counter,
     url_for_logs: String,
+    /// For the pub/sub subscription, which needs a connection of its own.
+    client: redis::Client,
 }
 
 impl RedisStore {
@@ -184,6 +189,7 @@ impl RedisStore {
             up_gauge: gauge!("uma_redis_up"),
             errors: counter!("uma_redis_errors_total"),
             url_for_logs: redact(&settings.url),
+            client: redis::Client::open(settings.url.as_str()).map_err(BuildError::Url)?,
         };
         store.up_gauge.set(0.0);
         Ok(store)
@@ -547,11 +553,21 @@ impl RedisStore {
 
     /// One script's reply (loaded again if Redis lost it).
     async fn script(&self, lua: &Lua, keys: &[&str], args: &[&str]) -> Result<Value, StoreError> {
+        self.script_within(Patience::Hot, lua, keys, args).await
+    }
+
+    async fn script_within(
+        &self,
+        patience: Patience,
+        lua: &Lua,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<Value, StoreError> {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         evalsha(&mut pipe, lua, keys, args);
         Ok(self
-            .query_scripts(&pipe, &[lua])
+            .query_scripts_within(patience, &pipe, &[lua])
             .await?
             .pop()
             .unwrap_or(Value::Nil))

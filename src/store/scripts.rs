@@ -34,6 +34,45 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 ";
 
+/// Applies one admin write all at once (SPEC §10): every key's type is checked before the first
+/// write, then the operations run, the audit entry is appended and the invalidation published.
+///
+/// KEYS: every key the write touches, the audit stream last. ARGV[1] = JSON
+/// `{"types":[[i,"hash"],…],"ops":[["set",i,value],["del",i],["hset",i,field,value],["hdel",i,field],
+/// ["zadd",i,member],["zrem",i,member]],"max":audit cap,"audit":[field,value,…],"publish":[[channel,message],…]}`
+/// (key indexes are 1-based). Replies `"ok"`, or `["refused", key, reason]` with nothing written.
+pub static ADMIN_WRITE: Lua = Lua {
+    source: ADMIN_WRITE_SOURCE,
+    script: LazyLock::new(|| Script::new(ADMIN_WRITE_SOURCE)),
+};
+const ADMIN_WRITE_SOURCE: &str = r"
+local w = cjson.decode(ARGV[1])
+for _, t in ipairs(w.types) do
+  local found = redis.call('TYPE', KEYS[t[1]])['ok']
+  if found ~= 'none' and found ~= t[2] then
+    return {'refused', KEYS[t[1]], 'holds a ' .. found .. ', not a ' .. t[2]}
+  end
+end
+local audit = KEYS[#KEYS]
+local found = redis.call('TYPE', audit)['ok']
+if found ~= 'none' and found ~= 'stream' then
+  return {'refused', audit, 'holds a ' .. found .. ', not a stream'}
+end
+for _, op in ipairs(w.ops) do
+  local key = KEYS[op[2]]
+  if op[1] == 'set' then redis.call('SET', key, op[3])
+  elseif op[1] == 'del' then redis.call('DEL', key)
+  elseif op[1] == 'hset' then redis.call('HSET', key, op[3], op[4])
+  elseif op[1] == 'hdel' then redis.call('HDEL', key, op[3])
+  elseif op[1] == 'zadd' then redis.call('ZADD', key, 0, op[3])
+  elseif op[1] == 'zrem' then redis.call('ZREM', key, op[3])
+  end
+end
+redis.call('XADD', audit, 'MAXLEN', '~', w.max, '*', unpack(w.audit))
+for _, p in ipairs(w.publish) do redis.call('PUBLISH', p[1], p[2]) end
+return 'ok'
+";
+
 /// Applies one consumer's share of a counter batch exactly once.
 ///
 /// KEYS[1] = this instance's ledger for the consumer (a string: the last sequence applied); then

@@ -20,13 +20,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+#[cfg(test)]
+use jiff::SignedDuration;
+use jiff::Timestamp;
 use metrics::{Counter, counter};
 use rustc_hash::FxHashMap;
 
 use crate::config::CacheSettings;
 use crate::core::decide::Catalog;
 use crate::core::{Consumer, KeyHash};
-use crate::seed::record;
+use crate::seed::record::{self, ConsumerRecord, KeyValue};
 use crate::store::{Record, RedisStore, StoreError, keys};
 
 /// What a key resolves to. A seed consumer is lent from the catalog, not cloned: its reference
@@ -46,13 +49,31 @@ struct Cached {
     /// The resolver's invalidation epoch when the answer was read: a copy from an earlier epoch is
     /// never served as fresh (see [`Resolver::invalidate`]).
     epoch: u64,
+    /// When the key expires (an operator's `expires_at`): never served past it, fresh or stale.
+    expires: Option<Instant>,
 }
 
-impl From<&Cached> for Resolution<'_> {
-    fn from(cached: &Cached) -> Self {
-        match &cached.consumer {
+impl Cached {
+    fn answer(&self, now: Instant) -> Resolution<'static> {
+        match &self.consumer {
+            Some(_) if self.expires.is_some_and(|t| t <= now) => Resolution::Unknown,
             Some(consumer) => Resolution::Consumer(Cow::Owned(consumer.clone())),
             None => Resolution::Unknown,
+        }
+    }
+}
+
+/// What Redis says a key opens, and until when.
+struct Found {
+    consumer: Option<Arc<Consumer>>,
+    expires: Option<Timestamp>,
+}
+
+impl Found {
+    fn consumer(consumer: Option<Arc<Consumer>>) -> Found {
+        Found {
+            consumer,
+            expires: None,
         }
     }
 }
@@ -85,6 +106,7 @@ fn local_put(resolver: u64, key: KeyHash, cached: &Cached, epoch: u64) {
             .map(|c| Arc::new(Consumer::clone(c))),
         fresh_until: cached.fresh_until,
         epoch,
+        expires: cached.expires,
     };
     LOCAL.with(|local| {
         let mut local = local.borrow_mut();
@@ -178,37 +200,43 @@ impl Resolver {
         // fresh by this call or stored as fresh for later ones.
         let epoch = self.epoch.load(Ordering::Acquire);
         if let Some(local) = local_get(self.id, &key, now, epoch) {
-            return (&local).into();
+            return local.answer(now);
         }
         let cached = self.cache.get(&key);
         if let Some(c) = cached.as_ref().filter(|c| c.fresh_until > now) {
             local_put(self.id, key, c, epoch);
-            return c.into();
+            return c.answer(now);
         }
         if store.is_up()
-            && let Ok(consumer) = self.ask_redis(store, catalog, &key).await
+            && let Ok(found) = self.ask_redis(store, catalog, &key).await
         {
-            let ttl = if consumer.is_some() {
+            let ttl = if found.consumer.is_some() {
                 self.fresh
             } else {
                 self.negative
             };
             let read_at = Instant::now();
+            let expires = found.expires.map(|t| instant_of(t, read_at));
             // An invalidation that ran during the read may concern what was read: keep the answer
             // as a fallback only, and read again next time.
             let unsettled = self.epoch.load(Ordering::Acquire) != epoch;
+            let mut fresh_until = if unsettled { read_at } else { read_at + ttl };
+            if let Some(expires) = expires {
+                fresh_until = fresh_until.min(expires);
+            }
             let entry = Cached {
-                consumer,
-                fresh_until: if unsettled { read_at } else { read_at + ttl },
+                consumer: found.consumer,
+                fresh_until,
                 epoch,
+                expires,
             };
-            let resolution = (&entry).into();
+            let resolution = entry.answer(read_at);
             self.cache.insert(key, entry);
             return resolution;
         }
         // Redis cannot be asked: the last answer it gave, else the seed, else we cannot decide.
         match (cached, catalog.by_key.get(&key)) {
-            (Some(c), _) => (&c).into(),
+            (Some(c), _) => c.answer(now),
             (None, Some(seed)) => Resolution::Consumer(Cow::Borrowed(seed)),
             (None, None) => Resolution::Unavailable,
         }
@@ -232,14 +260,17 @@ impl Resolver {
         store: &Arc<RedisStore>,
         catalog: &Catalog,
         key: &KeyHash,
-    ) -> Result<Option<Arc<Consumer>>, StoreError> {
+    ) -> Result<Found, StoreError> {
         let key_name = keys::key_record(key);
         let Some(seed) = catalog.by_key.get(key) else {
             // Not a seed key: only an operator's record (no TTL) can make it known.
             let key_record = self.readable(store.get_record(&key_name).await, &key_name)?;
-            return match operator_pointer(key_record.as_ref()) {
-                Some(username) => self.consumer(store, catalog, username, None).await,
-                None => Ok(None),
+            return match self.operator_key(key_record.as_ref(), &key_name) {
+                OperatorKey::Opens { username, expires } => Ok(Found {
+                    consumer: self.consumer(store, catalog, &username, None).await?,
+                    expires,
+                }),
+                OperatorKey::Refused | OperatorKey::None => Ok(Found::consumer(None)),
             };
         };
         // A seed key: its record and the seed consumer's, in one round trip.
@@ -250,17 +281,52 @@ impl Resolver {
             .into_iter();
         let key_record = self.readable(records.next().unwrap_or(Ok(None)), &key_name)?;
         let consumer_record = self.readable(records.next().unwrap_or(Ok(None)), &record_name)?;
-        if let Some(username) = operator_pointer(key_record.as_ref())
-            && username != &*seed.username
-        {
-            // An operator gave the key to another consumer.
-            return self.consumer(store, catalog, username, None).await;
-        }
+        let expires = match self.operator_key(key_record.as_ref(), &key_name) {
+            // Revoked, disabled or expired by an operator: refused like an unknown key.
+            OperatorKey::Refused => return Ok(Found::consumer(None)),
+            OperatorKey::Opens { username, expires } if username != *seed.username => {
+                // An operator gave the key to another consumer.
+                return Ok(Found {
+                    consumer: self.consumer(store, catalog, &username, None).await?,
+                    expires,
+                });
+            }
+            OperatorKey::Opens { expires, .. } => expires,
+            OperatorKey::None => None,
+        };
         if key_record.is_none() {
             self.write_back(store, key_name, seed.username.to_string());
         }
-        self.consumer(store, catalog, &seed.username, Some(consumer_record))
-            .await
+        Ok(Found {
+            consumer: self
+                .consumer(store, catalog, &seed.username, Some(consumer_record))
+                .await?,
+            expires,
+        })
+    }
+
+    /// What an operator's key record (no TTL) says; a seed copy says nothing: it never stands in
+    /// for the running seed.
+    fn operator_key(&self, record: Option<&Record>, key_name: &str) -> OperatorKey {
+        let Some(record) = record.filter(|r| r.persistent) else {
+            return OperatorKey::None;
+        };
+        match record::read_key(&record.value) {
+            Some(KeyValue::Pointer(username)) => OperatorKey::Opens {
+                username,
+                expires: None,
+            },
+            Some(KeyValue::Record(r)) if r.active_at(Timestamp::now()) => OperatorKey::Opens {
+                username: r.username,
+                expires: r.expires_at,
+            },
+            Some(KeyValue::Record(_)) => OperatorKey::Refused,
+            None => {
+                self.corrupt.increment(1);
+                tracing::warn!(key = %key_name, "invalid key record in Redis; treated as missing");
+                OperatorKey::None
+            }
+        }
     }
 
     /// The consumer named `username`: an operator record wins, then the seed; a seed copy (a
@@ -278,10 +344,12 @@ impl Resolver {
             None => self.readable(store.get_record(&record_name).await, &record_name)?,
         };
         if let Some(r) = record.as_ref().filter(|r| r.persistent) {
-            match record::from_json(&r.value, &record_name) {
-                Ok(consumer) if *consumer.username == *username => {
-                    return Ok(Some(Arc::new(consumer)));
+            match record::read(&r.value, &record_name) {
+                Ok(ConsumerRecord::Live(consumer)) if *consumer.username == *username => {
+                    return Ok(Some(Arc::from(consumer)));
                 }
+                // Deleted by an operator: gone, whatever the seed says (SPEC §10).
+                Ok(ConsumerRecord::Deleted(name)) if name == username => return Ok(None),
                 Ok(_) | Err(_) => {
                     self.corrupt.increment(1);
                     tracing::warn!(key = %record_name, "invalid consumer record in Redis; treated as missing");
@@ -341,13 +409,51 @@ pub enum Invalidation {
     All,
 }
 
-/// The username an operator's key record (no TTL) names; a seed copy names nobody: it never
-/// stands in for the running seed.
-fn operator_pointer(record: Option<&Record>) -> Option<&str> {
-    record
-        .filter(|r| r.persistent)
-        .map(|r| r.value.trim())
-        .filter(|name| !name.is_empty())
+/// What an operator's key record says about a key.
+enum OperatorKey {
+    /// No operator record: the seed decides.
+    None,
+    /// The key opens `username`'s consumer, until `expires` if set.
+    Opens {
+        username: String,
+        expires: Option<Timestamp>,
+    },
+    /// Disabled, revoked or expired.
+    Refused,
+}
+
+/// The monotonic instant of a wall-clock time (`now` if it has passed).
+fn instant_of(at: Timestamp, now: Instant) -> Instant {
+    let left = at.duration_since(Timestamp::now());
+    match Duration::try_from(left) {
+        Ok(left) => now
+            .checked_add(left)
+            .unwrap_or(now + Duration::from_secs(86_400 * 365)),
+        Err(_) => now,
+    }
+}
+
+impl Invalidation {
+    /// A message of the invalidation channel: `key <sha256 hex>`, `consumer <username>`, `all`.
+    pub fn parse(message: &str) -> Option<Invalidation> {
+        match message.split_once(' ') {
+            Some(("key", hex)) => KeyHash::from_hex(hex).map(Invalidation::Key),
+            Some(("consumer", name)) if !name.is_empty() => {
+                Some(Invalidation::Consumer(Arc::from(name)))
+            }
+            None if message == "all" => Some(Invalidation::All),
+            _ => None,
+        }
+    }
+
+    /// The message that says this.
+    pub fn message(&self) -> String {
+        match self {
+            Invalidation::Key(key) => format!("key {}", key.to_hex()),
+            Invalidation::Consumer(name) => format!("consumer {name}"),
+            Invalidation::All => "all".into(),
+        }
+    }
 }
 
 /// Every seed copy to write at start: each consumer's record and each key's pointer to it.
@@ -364,4 +470,43 @@ pub fn seed_copies(catalog: &Catalog) -> Vec<(String, String)> {
             .map(|(hash, c)| (keys::key_record(hash), c.username.to_string())),
     );
     items
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalidation_messages_round_trip() {
+        for target in [
+            Invalidation::Key(KeyHash::of("k")),
+            Invalidation::Consumer(Arc::from("alice")),
+            Invalidation::All,
+        ] {
+            assert_eq!(Invalidation::parse(&target.message()), Some(target));
+        }
+        assert_eq!(Invalidation::parse("key nothex"), None);
+        assert_eq!(Invalidation::parse("consumer "), None);
+        assert_eq!(Invalidation::parse("bogus"), None);
+    }
+
+    #[test]
+    fn an_expired_copy_never_answers() {
+        let now = Instant::now();
+        let consumer =
+            Arc::new(Consumer::new("u".into(), None, Vec::new(), None).expect("a valid consumer"));
+        let cached = Cached {
+            consumer: Some(consumer),
+            fresh_until: now + Duration::from_secs(5),
+            epoch: 0,
+            expires: Some(now + Duration::from_secs(1)),
+        };
+        assert!(matches!(cached.answer(now), Resolution::Consumer(_)));
+        assert!(matches!(
+            cached.answer(now + Duration::from_secs(1)),
+            Resolution::Unknown
+        ));
+        let past = Timestamp::now() - SignedDuration::from_secs(3);
+        assert_eq!(instant_of(past, now), now);
+    }
 }

@@ -8,8 +8,8 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -24,7 +24,7 @@ use crate::core::decide::{Catalog, Policy};
 use crate::http::admin::AdminApp;
 use crate::http::body::BodyReader;
 use crate::http::{self, App, ServeOptions};
-use crate::lookup::{Resolver, seed_copies};
+use crate::lookup::{Invalidation, Resolver, seed_copies};
 use crate::metrics::{self, Metrics};
 use crate::problem::Problem;
 use crate::quota::Quotas;
@@ -270,7 +270,14 @@ pub fn build_app(
     let (stop, stopped) = watch::channel(false);
     if let Some(store) = &store {
         let interval = Duration::from_millis(settings.redis.health_interval_ms);
-        store.spawn_health_loop(interval, || {});
+        // Whatever was published while Redis was away is lost: forget every cached answer.
+        let recovered = Arc::downgrade(&app);
+        store.spawn_health_loop(interval, move || {
+            if let Some(app) = recovered.upgrade() {
+                app.resolver.invalidate_all();
+            }
+        });
+        spawn_invalidations(store.clone(), Arc::downgrade(&app), stopped.clone());
         spawn_seed_copies(
             store.clone(),
             app.catalog.load_full(),
@@ -290,6 +297,32 @@ pub fn build_app(
         final_flush: Duration::from_millis(settings.tdl.shutdown_flush_ms),
     };
     (app, background)
+}
+
+/// Keeps the invalidation subscription (SPEC §10): each message forgets what it names, in the
+/// shared cache and every thread's copies; every (re)subscription forgets everything, since
+/// messages sent while it was away are lost.
+fn spawn_invalidations(store: Arc<RedisStore>, app: Weak<App>, stopped: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let subscribed = || {
+            if let Some(app) = app.upgrade() {
+                app.resolver.invalidate_all();
+            }
+        };
+        let message = |text: &str| {
+            let target = Invalidation::parse(text).unwrap_or_else(|| {
+                tracing::warn!(
+                    message = text,
+                    "unknown invalidation message; flushing every cache"
+                );
+                Invalidation::All
+            });
+            if let Some(app) = app.upgrade() {
+                app.resolver.invalidate(&target);
+            }
+        };
+        store.run_subscription(subscribed, message, stopped).await;
+    });
 }
 
 /// Rewrites the seed's copies in Redis (SETEX; operator records are left alone) so a restarted
@@ -396,6 +429,7 @@ pub fn build_admin(loaded: &Loaded, app: &Arc<App>) -> Option<(SocketAddr, Arc<A
         app: app.clone(),
         store: app.store.clone(),
         audit_max_entries: loaded.settings.admin.audit_max_entries,
+        writes: tokio::sync::Mutex::new(()),
     };
     Some((
         access.listen,

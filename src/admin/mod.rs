@@ -7,6 +7,8 @@
 //! half of it.
 
 pub mod audit;
+mod consumers;
+mod keys;
 
 use std::sync::Arc;
 
@@ -15,7 +17,9 @@ use rustc_hash::FxHashMap;
 use serde_json::Value;
 
 use crate::http::App;
-use crate::store::RedisStore;
+use crate::lookup::Invalidation;
+use crate::store::{AdminOp, AdminWrite, RedisStore, StoreError};
+use audit::AuditEntry;
 
 /// Who made a change: the admin token's name (`admin` for `admin.token`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +70,13 @@ pub enum AdminError {
     Unavailable,
     #[error("Embedded mode (no Redis): admin writes need Redis")]
     Embedded,
+    #[error("Embedded mode (no Redis): the audit trail is only in the log")]
+    EmbeddedAudit,
+    /// Redis refused the write as a whole (a key of the wrong type): nothing was applied.
+    #[error("Redis refused the write, nothing was applied: {0}")]
+    Refused(String),
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl AdminError {
@@ -76,9 +87,33 @@ impl AdminError {
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
             AdminError::Conflict(_) => StatusCode::CONFLICT,
             AdminError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            AdminError::Unavailable | AdminError::Embedded => StatusCode::SERVICE_UNAVAILABLE,
+            AdminError::Unavailable | AdminError::Embedded | AdminError::EmbeddedAudit => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            AdminError::Refused(_) => StatusCode::CONFLICT,
+            AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
+
+    /// A Redis failure of an admin call.
+    pub fn from_store(error: StoreError) -> AdminError {
+        match error {
+            StoreError::Unavailable(_) | StoreError::NoScript => AdminError::Unavailable,
+            StoreError::Rejected(reason) => AdminError::Refused(reason),
+        }
+    }
+}
+
+/// An answer that is already JSON text (kept as written: see `consumers::consumer_json`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawJson(pub String);
+
+/// One admin write: its steps, what it invalidates, and how the audit trail names it.
+struct Write {
+    action: &'static str,
+    target: String,
+    ops: Vec<AdminOp>,
+    invalidations: Vec<Invalidation>,
 }
 
 /// The billing export in the format asked for.
@@ -95,60 +130,123 @@ pub struct Admin {
     pub store: Option<Arc<RedisStore>>,
     /// `admin.audit_max_entries`.
     pub audit_max_entries: u64,
+    /// Admin writes of this replica, one at a time: each reads what it checks and then writes,
+    /// and two of them interleaved could both pass a check only one should.
+    pub writes: tokio::sync::Mutex<()>,
+}
+
+/// Audit entries per page when `limit` is not given, and the most a page may hold.
+const AUDIT_PAGE: usize = 100;
+const AUDIT_MAX_PAGE: usize = 1000;
+
+impl Admin {
+    /// Redis for a write, or why there is none.
+    fn store_for_write(&self) -> Result<&Arc<RedisStore>, AdminError> {
+        match &self.store {
+            None => Err(AdminError::Embedded),
+            Some(store) if !store.is_up() => Err(AdminError::Unavailable),
+            Some(store) => Ok(store),
+        }
+    }
+
+    /// Redis for a read (`None` in embedded mode: the seed is all there is).
+    fn store_for_read(&self) -> Result<Option<&Arc<RedisStore>>, AdminError> {
+        match &self.store {
+            None => Ok(None),
+            Some(store) if !store.is_up() => Err(AdminError::Unavailable),
+            Some(store) => Ok(Some(store)),
+        }
+    }
+
+    /// Applies `write` whole with its audit entry and invalidations, then forgets here at once
+    /// what it changed (the other replicas hear it on the channel).
+    async fn apply(&self, actor: &Actor, write: Write) -> Result<(), AdminError> {
+        let store = self.store_for_write()?;
+        let entry = AuditEntry {
+            actor: actor.0.clone(),
+            action: write.action,
+            target: write.target,
+            outcome: "ok".into(),
+        };
+        let stored = AdminWrite {
+            ops: write.ops,
+            audit: entry.fields(),
+            audit_max_entries: self.audit_max_entries,
+            invalidations: write
+                .invalidations
+                .iter()
+                .map(Invalidation::message)
+                .collect(),
+        };
+        if let Err(error) = store.admin_write(&stored).await {
+            let error = AdminError::from_store(error);
+            AuditEntry {
+                outcome: format!("error: {error}"),
+                ..entry
+            }
+            .log();
+            return Err(error);
+        }
+        entry.log();
+        for target in &write.invalidations {
+            self.app.resolver.invalidate(target);
+        }
+        Ok(())
+    }
+
+    /// `GET /admin/audit?since=&limit=`: newest first; `since` is an entry id (newer ones only).
+    pub async fn audit(&self, params: &Params) -> Result<Value, AdminError> {
+        let limit = match params.get("limit").filter(|l| !l.is_empty()) {
+            None => AUDIT_PAGE,
+            Some(text) => match text.parse::<usize>() {
+                Ok(n) if (1..=AUDIT_MAX_PAGE).contains(&n) => n,
+                _ => {
+                    return Err(AdminError::BadRequest(format!(
+                        "limit must be between 1 and {AUDIT_MAX_PAGE}"
+                    )));
+                }
+            },
+        };
+        let since = params.get("since").filter(|s| !s.is_empty());
+        if let Some(id) = since
+            && !is_stream_id(id)
+        {
+            return Err(AdminError::BadRequest(
+                "since must be an audit entry id (`<ms>-<n>`)".into(),
+            ));
+        }
+        let store = match self.store_for_read()? {
+            Some(store) => store,
+            None => return Err(AdminError::EmbeddedAudit),
+        };
+        let rows = store
+            .read_audit(since.map(String::as_str), limit)
+            .await
+            .map_err(AdminError::from_store)?;
+        let entries: Vec<Value> = rows
+            .into_iter()
+            .map(|row| {
+                let mut entry = serde_json::Map::new();
+                entry.insert("id".into(), Value::String(row.id));
+                for (k, v) in row.fields {
+                    entry.insert(k, Value::String(v));
+                }
+                Value::Object(entry)
+            })
+            .collect();
+        Ok(serde_json::json!({ "entries": entries }))
+    }
+}
+
+fn is_stream_id(id: &str) -> bool {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    !ms.is_empty()
+        && ms.bytes().all(|b| b.is_ascii_digit())
+        && !seq.is_empty()
+        && seq.bytes().all(|b| b.is_ascii_digit())
 }
 
 impl Admin {
-    pub async fn list_consumers(&self, _params: &Params) -> Result<Value, AdminError> {
-        Err(AdminError::NotFound("Not built yet"))
-    }
-    pub async fn consumer(&self, _name: &str) -> Result<Value, AdminError> {
-        Err(AdminError::NotFound("Not built yet"))
-    }
-    pub async fn put_consumer(
-        &self,
-        _actor: &Actor,
-        _name: &str,
-        _body: &Value,
-    ) -> Result<(bool, Value), AdminError> {
-        Err(AdminError::NotFound("Not built yet"))
-    }
-    pub async fn delete_consumer(&self, _actor: &Actor, _name: &str) -> Result<Value, AdminError> {
-        Err(AdminError::NotFound("Not built yet"))
-    }
-    pub async fn create_key(
-        &self,
-        _actor: &Actor,
-        _name: &str,
-        _body: &Value,
-    ) -> Result<Value, AdminError> {
-        Err(AdminError::NotFound("Not built yet"))
-    }
-    pub async fn rotate_key(
-        &self,
-        _actor: &Actor,
-        _name: &str,
-        _id: &str,
-        _body: &Value,
-    ) -> Result<Value, AdminError> {
-        Err(AdminError::NotFound("Not built yet"))
-    }
-    pub async fn patch_key(
-        &self,
-        _actor: &Actor,
-        _name: &str,
-        _id: &str,
-        _body: &Value,
-    ) -> Result<Value, AdminError> {
-        Err(AdminError::NotFound("Not built yet"))
-    }
-    pub async fn revoke_key(
-        &self,
-        _actor: &Actor,
-        _name: &str,
-        _id: &str,
-    ) -> Result<Value, AdminError> {
-        Err(AdminError::NotFound("Not built yet"))
-    }
     pub async fn reload(&self, _actor: &Actor, _trigger: ReloadTrigger) -> (StatusCode, Value) {
         (
             StatusCode::NOT_IMPLEMENTED,
@@ -156,9 +254,6 @@ impl Admin {
         )
     }
     pub async fn usage_export(&self, _params: &Params, _csv: bool) -> Result<Export, AdminError> {
-        Err(AdminError::NotFound("Not built yet"))
-    }
-    pub async fn audit(&self, _params: &Params) -> Result<Value, AdminError> {
         Err(AdminError::NotFound("Not built yet"))
     }
 }

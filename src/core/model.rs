@@ -325,6 +325,8 @@ pub struct Consumer {
     pub custom_id: Option<String>,
     pub groups: Vec<String>,
     pub metadata: Option<Arc<MetadataList>>,
+    /// The consumer's own tags (Kong's consumer `tags`): kept for the admin API, sent nowhere.
+    pub tags: Vec<String>,
     /// Values of the last three headers of [`METADATA_HEADER_NAMES`].
     identity: [HeaderValue; 3],
     /// The complete allow-answer headers for each entry of the consumer's own list (the usual
@@ -362,6 +364,7 @@ impl Consumer {
             custom_id,
             groups,
             metadata,
+            tags: Vec::new(),
             identity,
             own_answers,
         })

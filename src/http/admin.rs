@@ -53,7 +53,7 @@ impl super::Respond for AdminApp {
                 Ok(response) => response,
                 Err(error) => error_answer(&error),
             },
-            Err(response) => response,
+            Err(refused) => refused.answer(),
         };
         metrics::histogram!("uma_admin_request_duration_seconds")
             .record(started.elapsed().as_secs_f64());
@@ -72,17 +72,10 @@ impl AdminApp {
         }
     }
 
-    /// The actor a request's bearer token names, or the 401/429 it gets.
-    fn authenticate(&self, request: &Parts, ip: IpAddr) -> Result<Actor, Response<Body>> {
+    /// The actor a request's bearer token names, or why there is none.
+    fn authenticate(&self, request: &Parts, ip: IpAddr) -> Result<Actor, TokenRefusal> {
         if self.throttled(ip) {
-            let mut response = message(
-                StatusCode::TOO_MANY_REQUESTS,
-                "Too many failed admin token checks",
-            );
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-            return Err(response);
+            return Err(TokenRefusal::Throttled);
         }
         let given = request
             .headers
@@ -108,12 +101,7 @@ impl AdminApp {
                     presented = !given.is_empty(),
                     "admin request refused: invalid or missing token"
                 );
-                let mut response = message(StatusCode::UNAUTHORIZED, "Invalid admin token");
-                response.headers_mut().insert(
-                    WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"user-metadata-auth admin\""),
-                );
-                Err(response)
+                Err(TokenRefusal::Invalid)
             }
         }
     }
@@ -161,7 +149,10 @@ impl AdminApp {
         let admin = &self.admin;
         match (method, segments.as_slice()) {
             (&Method::GET, ["consumers"]) => ok(admin.list_consumers(&params(query)).await?),
-            (&Method::GET, ["consumers", name]) => ok(admin.consumer(&decode(name)?).await?),
+            (&Method::GET, ["consumers", name]) => Ok(raw_answer(
+                StatusCode::OK,
+                admin.consumer(&decode(name)?).await?,
+            )),
             (&Method::PUT, ["consumers", name]) => {
                 let body = read_json(body).await?;
                 let (created, answer) = admin.put_consumer(actor, &decode(name)?, &body).await?;
@@ -170,7 +161,7 @@ impl AdminApp {
                 } else {
                     StatusCode::OK
                 };
-                Ok(json_answer(status, &answer))
+                Ok(raw_answer(status, answer))
             }
             (&Method::DELETE, ["consumers", name]) => {
                 ok(admin.delete_consumer(actor, &decode(name)?).await?)
@@ -225,6 +216,40 @@ impl AdminApp {
             (_, ["consumers", _, "keys", _]) => Ok(answer::method_not_allowed("PATCH, DELETE")),
             (_, ["consumers", _, "keys", _, "rotate"]) => Ok(answer::method_not_allowed("POST")),
             _ => Ok(answer::not_found()),
+        }
+    }
+}
+
+/// Why a request got no actor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenRefusal {
+    /// Missing or wrong token: 401.
+    Invalid,
+    /// Too many failures from this address this second: 429, without a check.
+    Throttled,
+}
+
+impl TokenRefusal {
+    fn answer(self) -> Response<Body> {
+        match self {
+            TokenRefusal::Invalid => {
+                let mut response = message(StatusCode::UNAUTHORIZED, "Invalid admin token");
+                response.headers_mut().insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"user-metadata-auth admin\""),
+                );
+                response
+            }
+            TokenRefusal::Throttled => {
+                let mut response = message(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "Too many failed admin token checks",
+                );
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                response
+            }
         }
     }
 }
@@ -297,6 +322,10 @@ async fn read_json_or_empty(body: Incoming) -> Result<Value, AdminError> {
 
 fn ok(value: Value) -> Result<Response<Body>, AdminError> {
     Ok(json_answer(StatusCode::OK, &value))
+}
+
+fn raw_answer(status: StatusCode, json: crate::admin::RawJson) -> Response<Body> {
+    answer::json(status, json.0)
 }
 
 fn json_answer(status: StatusCode, value: &Value) -> Response<Body> {

@@ -419,6 +419,7 @@ struct Draft {
     groups: Vec<String>,
     keys: Vec<KeyHash>,
     metadata: Option<Arc<MetadataList>>,
+    tags: Vec<String>,
 }
 
 fn consumers(ctx: &mut Ctx, top: &Map) -> Vec<(Arc<Consumer>, Vec<KeyHash>)> {
@@ -456,6 +457,7 @@ fn consumers(ctx: &mut Ctx, top: &Map) -> Vec<(Arc<Consumer>, Vec<KeyHash>)> {
                 .filter_map(|item| acl_group(ctx, &item))
                 .collect(),
             metadata: consumer_plugins(ctx, map, &path),
+            tags: seed_consumer_tags(map),
             path,
             line,
         };
@@ -485,12 +487,34 @@ fn build_consumer(ctx: &mut Ctx, draft: Draft) -> Option<(Arc<Consumer>, Vec<Key
         }
     }
     match Consumer::new(draft.username?, draft.custom_id, groups, draft.metadata) {
-        Ok(consumer) => Some((Arc::new(consumer), draft.keys)),
+        Ok(mut consumer) => {
+            consumer.tags = draft.tags;
+            Some((Arc::new(consumer), draft.keys))
+        }
         Err(e) => {
             ctx.report(draft.line, &draft.path, e.to_string());
             None
         }
     }
+}
+
+/// A seed consumer's Kong `tags`, kept for the admin API. Not validated: the seed's other consumer
+/// fields are ignored (SPEC §3), so a tag that is not a plain string is skipped, not an error.
+fn seed_consumer_tags(consumer: &Map) -> Vec<String> {
+    let Some(Node {
+        value: Value::Seq(items),
+        ..
+    }) = get(consumer, "tags")
+    else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|n| match &n.value {
+            Value::Str(s) if !s.chars().any(char::is_control) => Some(s.to_string()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The consumer a top-level `acls` or `keyauth_credentials` item names (`consumer:` by username or
@@ -1429,35 +1453,122 @@ fn capabilities(ctx: &mut Ctx, node: &Node, path: &str) -> Option<Vec<u8>> {
 
 /// A consumer record as stored in Redis (see `seed::record`): `username`, optional `custom_id`,
 /// `groups` and `metadata_list`, checked by the same rules (and the same constructor) as the seed.
-pub fn consumer_record(root: &Node, label: &str) -> Result<Consumer, Vec<Problem>> {
+/// A consumer as Redis keeps it (`seed::record`), or the operator's tombstone for a deleted one.
+pub enum ConsumerRecord {
+    Live(Box<Consumer>),
+    /// `{"username":…,"deleted":true}`: deleted by an operator (SPEC §10).
+    Deleted(String),
+}
+
+/// A Redis consumer record, checked by the seed's rules. `label` names it in problems.
+pub fn consumer_record(root: &Node, label: &str) -> Result<ConsumerRecord, Vec<Problem>> {
     let mut ctx = Ctx::new(label);
+    if let Some(map) = as_map(root)
+        && matches!(
+            get(map, "deleted").map(|n| &n.value),
+            Some(Value::Bool(true))
+        )
+    {
+        ctx.reject_unknown(map, "", &["username", "deleted"]);
+        let username = ctx
+            .required(map, root.line, "", "username")
+            .and_then(|n| ctx.text(n, "username", Text::Username));
+        return match username {
+            Some(name) if ctx.problems.is_empty() => Ok(ConsumerRecord::Deleted(name)),
+            _ => Err(ctx.problems),
+        };
+    }
+    let fields = ["username", "custom_id", "groups", "tags", "metadata_list"];
+    let consumer = ctx.map(root, "").and_then(|map| {
+        ctx.reject_unknown(map, "", &fields);
+        let username = ctx
+            .required(map, root.line, "", "username")
+            .and_then(|n| ctx.text(n, "username", Text::Username));
+        let groups = ctx.string_list(map, "", "groups", Text::Group);
+        consumer_fields(&mut ctx, root, map, username, groups)
+    });
+    finish(ctx, consumer).map(|c| ConsumerRecord::Live(Box::new(c)))
+}
+
+/// A consumer as the admin API takes it (SPEC §10): the seed's shapes and names — `custom_id`,
+/// `tags`, `acls: [{group}]`, `metadata_list` — checked by the seed's rules, with field paths
+/// relative to the body. `username` comes from the path; a body may repeat it, not change it.
+pub fn admin_consumer(root: &Node, username: &str) -> Result<Consumer, Vec<Problem>> {
+    let mut ctx = Ctx::new("body");
     let consumer = ctx.map(root, "").and_then(|map| {
         ctx.reject_unknown(
             map,
             "",
-            &["username", "custom_id", "groups", "metadata_list"],
+            &["username", "custom_id", "tags", "acls", "metadata_list"],
         );
-        let username = ctx
-            .required(map, root.line, "", "username")
-            .and_then(|n| ctx.text(n, "username", Text::Username));
-        let custom_id =
-            optional(map, "custom_id").and_then(|n| ctx.text(n, "custom_id", Text::Printable));
-        let groups = ctx.string_list(map, "", "groups", Text::Group);
-        let metadata = optional(map, "metadata_list")
-            .and_then(|n| metadata_list(&mut ctx, n, "metadata_list"));
-        Consumer::new(username?, custom_id, groups, metadata)
-            .map_err(|e| ctx.report(root.line, "", e.to_string()))
-            .ok()
+        if let Some(given) = optional(map, "username")
+            && !matches!(&given.value, Value::Str(s) if &**s == username)
+        {
+            ctx.report(
+                given.line,
+                "username",
+                "must equal the username in the path",
+            );
+        }
+        let mut groups: Vec<String> = Vec::new();
+        for item in ctx.maps_in(map, "", "acls") {
+            ctx.reject_unknown(item.map, &item.path, &["group"]);
+            if let Some(group) = acl_group(&mut ctx, &item)
+                && !groups.contains(&group)
+            {
+                groups.push(group);
+            }
+        }
+        let name = Node {
+            line: root.line,
+            value: Value::Str(username.into()),
+        };
+        let username = ctx.text(&name, "username", Text::Username);
+        consumer_fields(&mut ctx, root, map, username, groups)
     });
+    finish(ctx, consumer)
+}
+
+/// The fields a Redis record and an admin body share, checked by the seed's rules.
+fn consumer_fields(
+    ctx: &mut Ctx,
+    root: &Node,
+    map: &Map,
+    username: Option<String>,
+    groups: Vec<String>,
+) -> Option<Consumer> {
+    let custom_id =
+        optional(map, "custom_id").and_then(|n| ctx.text(n, "custom_id", Text::Printable));
+    let tags = match optional(map, "tags") {
+        Some(n) => tags(ctx, n, "tags").unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let metadata =
+        optional(map, "metadata_list").and_then(|n| metadata_list(ctx, n, "metadata_list"));
+    let mut consumer = Consumer::new(username?, custom_id, groups, metadata)
+        .map_err(|e| ctx.report(root.line, "", e.to_string()))
+        .ok()?;
+    consumer.tags = tags;
+    Some(consumer)
+}
+
+fn finish(ctx: Ctx, consumer: Option<Consumer>) -> Result<Consumer, Vec<Problem>> {
     match consumer {
         Some(consumer) if ctx.problems.is_empty() => Ok(consumer),
         _ if ctx.problems.is_empty() => Err(vec![Problem {
-            file: label.to_owned(),
+            file: ctx.file,
             line: None,
             path: String::new(),
             reason: "not a valid consumer record".into(),
         }]),
         _ => Err(ctx.problems),
+    }
+}
+
+fn as_map(node: &Node) -> Option<&Map> {
+    match &node.value {
+        Value::Map(map) => Some(map),
+        _ => None,
     }
 }
 

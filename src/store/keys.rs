@@ -17,6 +17,18 @@ pub fn consumer_record(username: &str) -> String {
     format!("uma:consumer:{{{username}}}")
 }
 
+/// `uma:consumer-keys:{<username>}` → hash key id → SHA-256 hex of each key the admin API made
+/// for the consumer (their records are under [`key_record`]).
+pub fn consumer_keys(username: &str) -> String {
+    format!("uma:consumer-keys:{{{username}}}")
+}
+
+/// `uma:consumers` → sorted set (score 0, ordered by name) of consumers with an operator record.
+pub const OPERATOR_CONSUMERS: &str = "uma:consumers";
+
+/// `uma:consumers-deleted` → sorted set of seed consumers an operator deleted (tombstones).
+pub const DELETED_CONSUMERS: &str = "uma:consumers-deleted";
+
 /// `uma:tdl:{<username>}:<entry id>:<YYYY-MM-DD>` → hash `T1`..`T12` of allowed calls.
 pub fn tdl_counter(username: &str, entry: &str, date: Date) -> String {
     format!("uma:tdl:{{{username}}}:{entry}:{date}")

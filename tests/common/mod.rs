@@ -3,6 +3,7 @@
 //! `Content-Length` with no body).
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod echo;
 pub mod redis;
 

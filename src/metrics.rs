@@ -252,6 +252,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(handle: PrometheusHandle) -> Metrics {
         describe_service_metrics();
+        describe_admin_metrics();
         gauge!("uma_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         Metrics {
             handle,
@@ -293,4 +294,28 @@ impl Metrics {
         render_usage_cost(&mut out);
         out
     }
+}
+
+/// The admin API's and the invalidation channel's metrics (SPEC §10).
+fn describe_admin_metrics() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_counter!(
+        "uma_admin_requests_total",
+        "Admin API requests, by answer status"
+    );
+    describe_gauge!(
+        "uma_invalidation_subscribed",
+        "1 while this replica is subscribed to the invalidation channel"
+    );
+    describe_counter!(
+        "uma_invalidation_messages_total",
+        "Invalidation messages received"
+    );
+    describe_counter!(
+        "uma_invalidation_resubscribes_total",
+        "Subscriptions to the invalidation channel made (each one flushes every cached answer)"
+    );
+    gauge!("uma_invalidation_subscribed").set(0.0);
+    counter!("uma_invalidation_messages_total").increment(0);
+    counter!("uma_invalidation_resubscribes_total").increment(0);
 }

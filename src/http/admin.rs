@@ -47,7 +47,6 @@ struct Failures {
 
 impl super::Respond for AdminApp {
     async fn respond(&self, request: &Parts, body: Incoming, peer: SocketAddr) -> Response<Body> {
-        let started = Instant::now();
         let response = match self.authenticate(request, peer.ip()) {
             Ok(actor) => match self.route(request, body, &actor).await {
                 Ok(response) => response,
@@ -55,8 +54,6 @@ impl super::Respond for AdminApp {
             },
             Err(refused) => refused.answer(),
         };
-        metrics::histogram!("uma_admin_request_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
         metrics::counter!("uma_admin_requests_total", "status" => response.status().as_str().to_owned())
             .increment(1);
         response

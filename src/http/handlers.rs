@@ -383,6 +383,9 @@ impl App {
                 "pending"
             };
             let _ = write!(body, ",\"seed_copies\":\"{copies}\"");
+            // Whether admin changes made on other replicas reach this one at once (SPEC §10).
+            let subscribed = store.is_some_and(RedisStore::subscribed);
+            let _ = write!(body, ",\"invalidation\":{{\"subscribed\":{subscribed}}}");
         }
         body.push_str("}}");
         let status = if state.ready {

@@ -322,7 +322,31 @@ impl RedisStore {
             Err(_) => return "no answer within 1s".into(),
         };
         tracing::debug!("subscribed to {INVALIDATION_CHANNEL}");
+        let subscribed_gauge = metrics::gauge!("uma_invalidation_subscribed");
+        let received = metrics::counter!("uma_invalidation_messages_total");
+        metrics::counter!("uma_invalidation_resubscribes_total").increment(1);
+        subscribed_gauge.set(1.0);
+        self.subscribed
+            .store(true, std::sync::atomic::Ordering::Release);
         subscribed();
+        let ended = self.listen(pubsub, message, &received).await;
+        subscribed_gauge.set(0.0);
+        self.subscribed
+            .store(false, std::sync::atomic::Ordering::Release);
+        ended
+    }
+
+    /// Whether the invalidation subscription is in place now.
+    pub fn subscribed(&self) -> bool {
+        self.subscribed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    async fn listen(
+        &self,
+        pubsub: redis::aio::PubSub,
+        message: &impl Fn(&str),
+        received: &metrics::Counter,
+    ) -> String {
         let (mut sink, mut stream) = pubsub.split();
         let mut ping = tokio::time::interval(PUBSUB_PING);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -330,7 +354,10 @@ impl RedisStore {
             tokio::select! {
                 next = stream.next() => match next {
                     Some(msg) => match std::str::from_utf8(msg.get_payload_bytes()) {
-                        Ok(text) => message(text),
+                        Ok(text) => {
+                            received.increment(1);
+                            message(text);
+                        }
                         Err(_) => tracing::warn!("invalidation message is not UTF-8; ignored"),
                     },
                     None => return "the connection closed".into(),

@@ -160,6 +160,8 @@ pub struct RedisStore {
     url_for_logs: String,
     /// For the pub/sub subscription, which needs a connection of its own.
     client: redis::Client,
+    /// Whether the invalidation subscription is in place (for `/readyz`).
+    subscribed: AtomicBool,
 }
 
 impl RedisStore {
@@ -190,6 +192,7 @@ impl RedisStore {
             errors: counter!("uma_redis_errors_total"),
             url_for_logs: redact(&settings.url),
             client: redis::Client::open(settings.url.as_str()).map_err(BuildError::Url)?,
+            subscribed: AtomicBool::new(false),
         };
         store.up_gauge.set(0.0);
         Ok(store)

@@ -782,7 +782,10 @@ fn readyz_waits_for_the_seed_copies_but_not_for_a_redis_outage() {
     assert_eq!(body["redis"]["configured"], true, "{body}");
     assert_eq!(body["redis"]["connected"], true, "{body}");
     assert_eq!(body["redis"]["seed_copies"], "written", "{body}");
-    assert!(body["redis"]["invalidation"]["subscribed"].is_boolean(), "{body}");
+    assert!(
+        body["redis"]["invalidation"]["subscribed"].is_boolean(),
+        "{body}"
+    );
     assert_eq!(redis.cli(&["EXISTS", "uma:consumer:{user1-client}"]), "1");
 }
 

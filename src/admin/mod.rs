@@ -7,6 +7,7 @@
 //! half of it.
 
 pub mod audit;
+pub mod export;
 
 use std::sync::Arc;
 
@@ -155,8 +156,8 @@ impl Admin {
             serde_json::json!({"message":"Not built yet"}),
         )
     }
-    pub async fn usage_export(&self, _params: &Params, _csv: bool) -> Result<Export, AdminError> {
-        Err(AdminError::NotFound("Not built yet"))
+    pub async fn usage_export(&self, params: &Params, csv: bool) -> Result<Export, AdminError> {
+        export::usage_export(&self.app, params, csv).await
     }
     pub async fn audit(&self, _params: &Params) -> Result<Value, AdminError> {
         Err(AdminError::NotFound("Not built yet"))

@@ -23,8 +23,11 @@ const UNIT: u128 = 1_000_000_000_000;
 /// A username that CSV must quote (a comma and quotes: printable ASCII, allowed by SPEC §3).
 const BOB: &str = "bob \"the builder\", jr";
 
-/// (consumer, key, [(entry, input price, output price)]): each consumer has its own prices.
-const CONSUMERS: [(&str, &str, [(&str, &str, &str); 2]); 2] = [
+/// (entry id, input price, output price).
+type Priced = (&'static str, &'static str, &'static str);
+
+/// (consumer, key, entries): each consumer has its own prices.
+const CONSUMERS: [(&str, &str, [Priced; 2]); 2] = [
     (
         "alice",
         "ak",
@@ -211,9 +214,12 @@ impl Cell {
     }
 }
 
+/// entry → date → sums.
+type Entries = BTreeMap<String, BTreeMap<String, Cell>>;
+
 /// month → consumer → entry → date → sums.
 #[derive(Debug, Default)]
-struct Ledger(BTreeMap<String, BTreeMap<String, BTreeMap<String, BTreeMap<String, Cell>>>>);
+struct Ledger(BTreeMap<String, BTreeMap<String, Entries>>);
 
 impl Ledger {
     fn add(&mut self, consumer: &str, entry: &str, date: &str, cell: Cell) {

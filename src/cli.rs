@@ -206,7 +206,17 @@ async fn serve_until_signal(loaded: Loaded, catalog: Catalog) -> ExitCode {
             }
         },
         None => {
-            tracing::info!("no admin token set (admin.token, admin.token_file): admin API closed");
+            match &loaded.settings.admin.token_file {
+                // Allowed (an optional Kubernetes Secret not created), but said: a mistyped path
+                // would otherwise close the admin API without a word.
+                Some(path) => tracing::warn!(
+                    token_file = %path.display(),
+                    "admin.token_file does not exist and admin.token is not set: admin API closed"
+                ),
+                None => tracing::info!(
+                    "no admin token set (admin.token, admin.token_file): admin API closed"
+                ),
+            }
             None
         }
     };

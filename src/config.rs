@@ -1081,6 +1081,10 @@ fn check_admin(c: &mut Checker, admin: &AdminSettings) -> Option<AdminAccess> {
     if let Some(path) = &admin.token_file {
         match read_admin_tokens(path) {
             Ok(more) => tokens.extend(more),
+            // A file that is not there holds no token, so the admin API stays closed: Kubernetes
+            // mounts an optional Secret that does not exist as an empty directory, and the pod
+            // must start without it (deploy/kubernetes/). A file that is there must be valid.
+            Err(_) if is_missing(path) => {}
             Err(reason) => c.report("admin.token_file", reason),
         }
     }
@@ -1125,6 +1129,12 @@ fn check_admin(c: &mut Checker, admin: &AdminSettings) -> Option<AdminAccess> {
         listen: listen?,
         tokens,
     })
+}
+
+/// Whether nothing is at `path` (a dangling symlink included: a Secret's `..data` link that points
+/// nowhere yet).
+fn is_missing(path: &Path) -> bool {
+    matches!(std::fs::metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
 }
 
 /// `admin.token_file`: one token per line, `TOKEN` (named `admin`) or `NAME TOKEN`; blank lines
@@ -1677,5 +1687,33 @@ mod tests {
             "the secret is never printed: {err:?}"
         );
         assert!(load_env(&[("UMA_AUTH__DEFAULT_URI", "/v1/chat?x=1")]).is_ok());
+    }
+
+    #[test]
+    fn a_missing_admin_token_file_leaves_the_admin_api_closed_and_a_bad_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("uma-admin/token");
+        let missing = missing.to_str().unwrap();
+        let loaded = load_env(&[("UMA_ADMIN__TOKEN_FILE", missing)]).unwrap();
+        assert!(loaded.admin.is_none(), "no token: closed");
+        // The admin.token still opens it.
+        let token = "t".repeat(ADMIN_TOKEN_MIN_CHARS);
+        let loaded = load_env(&[
+            ("UMA_ADMIN__TOKEN_FILE", missing),
+            ("UMA_ADMIN__TOKEN", token.as_str()),
+        ])
+        .unwrap();
+        assert_eq!(loaded.admin.map(|a| a.tokens.len()), Some(1));
+        // A file that is there is read, and must hold a valid token.
+        let present = dir.path().join("tokens");
+        std::fs::write(&present, "# nothing yet\n").unwrap();
+        let err = load_env(&[("UMA_ADMIN__TOKEN_FILE", present.to_str().unwrap())]).unwrap_err();
+        assert_eq!(err[0].path, "admin.token_file", "{err:?}");
+        std::fs::write(&present, format!("ops {token}\n")).unwrap();
+        let loaded = load_env(&[("UMA_ADMIN__TOKEN_FILE", present.to_str().unwrap())]).unwrap();
+        assert_eq!(
+            loaded.admin.map(|a| a.tokens[0].name.clone()).as_deref(),
+            Some("ops")
+        );
     }
 }

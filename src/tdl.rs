@@ -916,6 +916,107 @@ fn instance_id() -> String {
     hex::encode(bytes)
 }
 
+/// Calls of one (entry, local date) of a consumer that this process holds, for the billing export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldCalls {
+    pub entry: Arc<str>,
+    pub date: Date,
+    pub calls: u64,
+    /// Redis mode: the sequence of the share in flight that carries these calls (Redis has them
+    /// once this process's ledger reaches it); `None` for calls not sent yet, or embedded mode.
+    pub in_flight: Option<u64>,
+}
+
+/// What the billing export (`crate::admin::export`) reads of the counters in memory.
+impl TdlCounters {
+    /// Redis mode: this process's instance id, which names its ledger keys; `None` embedded.
+    pub fn instance(&self) -> Option<&str> {
+        self.sink.as_ref().map(|s| s.instance.as_str())
+    }
+
+    /// Redis mode: while the guard lives, the flusher neither forms nor settles a share, so Redis's
+    /// counts and [`TdlCounters::held`] describe one moment (as `/api/tdl-matrix` reads them).
+    /// `None` in embedded mode, where memory is the only store.
+    pub async fn hold_flushes(&self) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
+        match &self.sink {
+            Some(sink) => Some(sink.gate.read().await),
+            None => None,
+        }
+    }
+
+    /// The consumers with calls held here on a date in `from..=to`: embedded mode every count,
+    /// Redis mode those Redis has not confirmed. Embedded mode takes the lock once per date, so
+    /// `/auth` never waits behind a whole month.
+    pub fn held_consumers(&self, from: Date, to: Date) -> Vec<Arc<str>> {
+        let mut names: Vec<Arc<str>> = Vec::new();
+        if self.sink.is_some() {
+            let state = self.lock();
+            for (name, c) in &state.consumers {
+                let in_range = |k: &EntryDay| (from..=to).contains(&k.date);
+                let flying = c
+                    .in_flight
+                    .as_ref()
+                    .is_some_and(|s| s.counts.iter().any(|(k, _)| in_range(k)));
+                if flying || c.pending.keys().any(in_range) {
+                    names.push(name.clone());
+                }
+            }
+        } else {
+            let mut day = from;
+            while day <= to {
+                let state = self.lock();
+                if let Some(counters) = state.by_date.get(&day) {
+                    names.extend(counters.iter().map(|(consumer, _)| consumer.clone()));
+                }
+                drop(state);
+                match day.tomorrow() {
+                    Ok(next) => day = next,
+                    Err(_) => break,
+                }
+            }
+        }
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    /// The calls of `consumer` on dates in `from..=to` held here (see [`TdlCounters::held_consumers`]),
+    /// one item per (entry, date) and share.
+    pub fn held(&self, consumer: &str, from: Date, to: Date) -> Vec<HeldCalls> {
+        let state = self.lock();
+        let Some(c) = state.consumers.get(consumer) else {
+            return Vec::new();
+        };
+        let in_range = |k: &EntryDay| (from..=to).contains(&k.date);
+        let mut out: Vec<HeldCalls> = c
+            .pending
+            .iter()
+            .filter(|(k, _)| in_range(k))
+            .map(|(k, day)| HeldCalls {
+                entry: k.entry.clone(),
+                date: k.date,
+                calls: day.iter().sum(),
+                in_flight: None,
+            })
+            .collect();
+        if let Some(share) = &c.in_flight {
+            out.extend(
+                share
+                    .counts
+                    .iter()
+                    .filter(|(k, _)| in_range(k))
+                    .map(|(k, day)| HeldCalls {
+                        entry: k.entry.clone(),
+                        date: k.date,
+                        calls: day.iter().sum(),
+                        in_flight: Some(share.seq),
+                    }),
+            );
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

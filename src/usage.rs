@@ -996,6 +996,71 @@ fn log_unapplied(username: &str, outcome: &BatchOutcome) {
     }
 }
 
+/// One entry's sums in one month that this process holds, for the billing export.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeldMonth {
+    pub entry: Arc<str>,
+    /// The sums of each local date of the month that has any.
+    pub days: Vec<(Date, Totals)>,
+    /// The month's sums.
+    pub month: Totals,
+}
+
+/// What the billing export (`crate::admin::export`) reads of the sums in memory.
+impl UsageBook {
+    /// Redis mode: while the guard lives, no waiting record is written to Redis or settled, so
+    /// Redis's sums and [`UsageBook::held`] never both hold one record (as `/api/usage` reads
+    /// them). `None` in embedded mode, where memory is the only store.
+    pub async fn hold_writes(&self) -> Option<tokio::sync::RwLockWriteGuard<'_, ()>> {
+        match &self.shared {
+            Some(_) => Some(self.gate.write().await),
+            None => None,
+        }
+    }
+
+    /// The consumers with sums held here in the month of `month`: embedded mode every record,
+    /// Redis mode the records waiting for Redis.
+    pub fn held_consumers(&self, month: Date) -> Vec<Arc<str>> {
+        let month = month.first_of_month();
+        let state = self.lock();
+        let mut names: Vec<Arc<str>> = state
+            .sums
+            .by_consumer
+            .iter()
+            .filter(|(_, entries)| entries.values().any(|s| s.months.contains_key(&month)))
+            .map(|(name, _)| name.clone())
+            .collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// The sums of `consumer` in the month of `month` held here (see
+    /// [`UsageBook::held_consumers`]), per entry.
+    pub fn held(&self, consumer: &str, month: Date) -> Vec<HeldMonth> {
+        let month = month.first_of_month();
+        let last = month.last_of_month();
+        let state = self.lock();
+        let Some(entries) = state.sums.by_consumer.get(consumer) else {
+            return Vec::new();
+        };
+        entries
+            .iter()
+            .filter_map(|(entry, sums)| {
+                let total = sums.months.get(&month).copied()?;
+                Some(HeldMonth {
+                    entry: entry.clone(),
+                    days: sums
+                        .days
+                        .range(month..=last)
+                        .map(|(date, day)| (*date, day.day))
+                        .collect(),
+                    month: total,
+                })
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -134,6 +134,16 @@ fn assert_config_key(env_name: &str, origin: &str) {
 /// Runs `user-metadata-auth check` the way a container would start: the deployment's environment
 /// and `--config`, with the image's config directory replaced by a copy of config/.
 fn assert_check_passes(env: &[(String, String)], config_path: &str, origin: &str) {
+    let output = check_as_deployed(env, config_path);
+    assert!(
+        output.status.success(),
+        "{origin}: `user-metadata-auth check` fails with this environment {env:?}:\n{}",
+        describe(&output)
+    );
+}
+
+/// `user-metadata-auth check` as [`assert_check_passes`] runs it, for its output.
+fn check_as_deployed(env: &[(String, String)], config_path: &str) -> Output {
     let dir = tempfile::tempdir().expect("temp dir");
     for file in ["default.toml", "seed.yaml"] {
         std::fs::copy(repo_file(&format!("config/{file}")), dir.path().join(file)).expect("copy");
@@ -152,12 +162,7 @@ fn assert_check_passes(env: &[(String, String)], config_path: &str, origin: &str
     for (name, value) in env {
         command.env(name, remap(value));
     }
-    let output = run(&mut command, None);
-    assert!(
-        output.status.success(),
-        "{origin}: `user-metadata-auth check` fails with this environment {env:?}:\n{}",
-        describe(&output)
-    );
+    run(&mut command, None)
 }
 
 fn port_of(listen: &str) -> u16 {
@@ -1100,6 +1105,100 @@ fn kubernetes_manifests_agree_with_the_image_and_config() {
         with_links.push((name.to_owned(), value.to_owned()));
     }
     assert_check_passes(&with_links, &args[2], "deployment.yaml with service links");
+
+    // The admin API: its token file is the `token` key of the optional Secret uma-admin, mounted
+    // read-only into this container only, so the pod starts without the Secret (the check above
+    // ran without the file: admin closed) and the token never reaches the gateway container. The
+    // listener stays on the loopback; no Service port leads to it (checked below).
+    let env_value = |name: &str| {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("deployment.yaml: {name} is not set"))
+    };
+    let admin_listen = env_value("UMA_ADMIN__LISTEN");
+    assert!(
+        admin_listen.starts_with("127.0.0.1:"),
+        "the admin API on the pod's loopback only: {admin_listen}"
+    );
+    assert!(
+        ports
+            .iter()
+            .all(|p| p["containerPort"] != port_of(&admin_listen)),
+        "no container port for the admin API"
+    );
+    let token_file = env_value("UMA_ADMIN__TOKEN_FILE");
+    let (admin_dir, token_name) = token_file
+        .rsplit_once('/')
+        .expect("UMA_ADMIN__TOKEN_FILE is a path");
+    let admin_mount = uma["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| m["mountPath"] == admin_dir)
+        .unwrap_or_else(|| panic!("nothing mounted at {admin_dir}, where the admin token file is"));
+    assert_eq!(
+        admin_mount["readOnly"], true,
+        "the admin Secret is mounted read-only"
+    );
+    assert!(
+        admin_mount.get("subPath").is_none(),
+        "a directory mount, so a rotated Secret reaches the pod"
+    );
+    let admin_volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == admin_mount["name"])
+        .expect("the admin token's volume");
+    let secret = &admin_volume["secret"];
+    assert_eq!(secret["secretName"], "uma-admin");
+    assert_eq!(
+        secret["optional"], true,
+        "the Deployment starts without the admin Secret"
+    );
+    assert!(
+        secret["items"].as_array().is_some_and(|items| items
+            .iter()
+            .any(|i| i["key"] == "token" && i["path"] == token_name)),
+        "the Secret's `token` key is the file {token_file}: {secret}"
+    );
+    assert!(
+        container(pod, "gateway")["volumeMounts"]
+            .as_array()
+            .expect("gateway volumeMounts")
+            .iter()
+            .all(|m| m["name"] != admin_mount["name"]),
+        "the gateway container does not mount the admin token"
+    );
+    // With the Secret there, the file is read: a valid token passes, a short one is refused.
+    let secrets = tempfile::tempdir().expect("temp dir");
+    let file = secrets.path().join(token_name);
+    let with_file: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| match k.as_str() {
+            "UMA_ADMIN__TOKEN_FILE" => (k.clone(), file.display().to_string()),
+            _ => (k.clone(), v.clone()),
+        })
+        .collect();
+    std::fs::write(&file, "ops 0123456789abcdef0123456789abcdef\n").expect("write");
+    assert_check_passes(
+        &with_file,
+        &args[2],
+        "deployment.yaml with the admin Secret",
+    );
+    std::fs::write(&file, "too-short\n").expect("write");
+    let refused = check_as_deployed(&with_file, &args[2]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(
+        !refused.status.success() && said.contains("admin.token_file"),
+        "a short token in the Secret's file is refused:\n{}",
+        describe(&refused)
+    );
 
     // The config directory is the uma-config ConfigMap of configmap.yaml.
     let mount = uma["volumeMounts"]

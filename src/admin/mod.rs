@@ -9,6 +9,7 @@
 pub mod audit;
 mod consumers;
 mod keys;
+pub mod export;
 
 use std::sync::Arc;
 
@@ -253,7 +254,7 @@ impl Admin {
             serde_json::json!({"message":"Not built yet"}),
         )
     }
-    pub async fn usage_export(&self, _params: &Params, _csv: bool) -> Result<Export, AdminError> {
-        Err(AdminError::NotFound("Not built yet"))
+    pub async fn usage_export(&self, params: &Params, csv: bool) -> Result<Export, AdminError> {
+        export::usage_export(&self.app, params, csv).await
     }
 }

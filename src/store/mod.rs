@@ -9,6 +9,7 @@
 //! key's problem, reported with its name, never a failure of everything else in the round trip.
 
 mod admin;
+pub mod export;
 pub mod keys;
 pub mod scripts;
 mod usage;

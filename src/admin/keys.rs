@@ -106,6 +106,26 @@ fn new_key() -> Result<NewKey, AdminError> {
     })
 }
 
+/// A new key for `username` and the record it is stored under.
+fn new_key_for(
+    username: &str,
+    name: Option<String>,
+    now: Timestamp,
+    expires_at: Option<Timestamp>,
+) -> Result<(NewKey, KeyRecord), AdminError> {
+    let key = new_key()?;
+    let record = KeyRecord {
+        username: username.to_owned(),
+        id: key.id.clone(),
+        name,
+        created: now,
+        expires_at,
+        disabled: false,
+        revoked: false,
+    };
+    Ok((key, record))
+}
+
 /// The id a seed key is listed under.
 pub fn seed_key_id(hash: &KeyHash) -> String {
     format!("seed-{}", &hash.to_hex()[..16])
@@ -223,16 +243,7 @@ impl Admin {
                 "A key named `{name}` already exists for this consumer"
             )));
         }
-        let key = new_key()?;
-        let created = KeyRecord {
-            username: username.to_owned(),
-            id: key.id.clone(),
-            name,
-            created: now,
-            expires_at,
-            disabled: false,
-            revoked: false,
-        };
+        let (key, created) = new_key_for(username, name, now, expires_at)?;
         let write = Write {
             action: "key.create",
             target: format!("{username}/{}", key.id),
@@ -264,16 +275,7 @@ impl Admin {
                 "The key is disabled or expired; only a key in force can be rotated".into(),
             ));
         }
-        let key = new_key()?;
-        let created = KeyRecord {
-            username: username.to_owned(),
-            id: key.id.clone(),
-            name: old.name.clone(),
-            created: now,
-            expires_at,
-            disabled: false,
-            revoked: false,
-        };
+        let (key, created) = new_key_for(username, old.name.clone(), now, expires_at)?;
         let mut ops = add_key_ops(username, &key, &created);
         let old_until = if grace == 0 {
             ops.extend(revoke_ops(username, &old, now));

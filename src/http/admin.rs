@@ -73,6 +73,8 @@ impl AdminApp {
     }
 
     /// The actor a request's bearer token names, or the 401/429 it gets.
+    // The refusal is the answer itself, built once per refused request: no need to box it.
+    #[allow(clippy::result_large_err)]
     fn authenticate(&self, request: &Parts, ip: IpAddr) -> Result<Actor, Response<Body>> {
         if self.throttled(ip) {
             let mut response = message(

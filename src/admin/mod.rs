@@ -95,6 +95,8 @@ pub struct Admin {
     pub store: Option<Arc<RedisStore>>,
     /// `admin.audit_max_entries`.
     pub audit_max_entries: u64,
+    /// The seed reloads `POST /admin/reload` asks for (shared with SIGHUP and the file watch).
+    pub reloader: Arc<crate::reload::Reloader>,
 }
 
 impl Admin {
@@ -149,11 +151,46 @@ impl Admin {
     ) -> Result<Value, AdminError> {
         Err(AdminError::NotFound("Not built yet"))
     }
-    pub async fn reload(&self, _actor: &Actor, _trigger: ReloadTrigger) -> (StatusCode, Value) {
-        (
-            StatusCode::NOT_IMPLEMENTED,
-            serde_json::json!({"message":"Not built yet"}),
-        )
+    /// Reloads the seed now and answers with how it went (SPEC §10): 200 with what runs, or 422
+    /// with every problem of a seed that was refused (the running one is kept).
+    pub async fn reload(&self, actor: &Actor, trigger: ReloadTrigger) -> (StatusCode, Value) {
+        use crate::reload::ReloadOutcome;
+        use serde_json::json;
+        match self.reloader.reload(trigger, &actor.0).await {
+            ReloadOutcome::Loaded(seed) => (
+                StatusCode::OK,
+                json!({
+                    "result": "ok",
+                    "consumers": seed.consumers,
+                    "keys": seed.keys,
+                    "entries": seed.entries,
+                    "routes": seed.routes,
+                    "loaded_at": seed.loaded_at.to_string(),
+                }),
+            ),
+            ReloadOutcome::Invalid(problems) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({
+                    "result": "error",
+                    "message": "The seed is invalid; the running seed is kept",
+                    "problems": problems
+                        .iter()
+                        .map(|p| json!({
+                            "file": p.file,
+                            "line": p.line,
+                            "field": p.path,
+                            "reason": p.reason,
+                        }))
+                        .collect::<Vec<_>>(),
+                }),
+            ),
+            // Only a file change can find the seed unchanged; this reload always reads it.
+            ReloadOutcome::Unchanged => (StatusCode::OK, json!({"result": "unchanged"})),
+            ReloadOutcome::Stopped => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"message": "The service is stopping; the seed was not reloaded"}),
+            ),
+        }
     }
     pub async fn usage_export(&self, _params: &Params, _csv: bool) -> Result<Export, AdminError> {
         Err(AdminError::NotFound("Not built yet"))

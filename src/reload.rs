@@ -253,6 +253,7 @@ impl Worker {
         tracing::debug!(by = %batch.actor(), "reloading the seed");
         let mut next = self.loaded.clone();
         if batch.config {
+            // The file the service started with, and the process environment, as at start.
             let source = self.loaded.source.clone();
             let read =
                 tokio::task::spawn_blocking(move || Settings::load(source.as_deref(), None)).await;

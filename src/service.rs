@@ -2,10 +2,10 @@
 //! the real server in process (with an injected clock) on port 0.
 //!
 //! Also the background work that keeps Redis in line with the running seed: the seed copies are
-//! rewritten at start (and by every seed reload, `reload`) and retried until every one is
-//! written, and `/readyz` is a real latch over
-//! it ([`Readiness`]), released once they are (or at once while Redis cannot be reached: an outage
-//! never makes the service unready), and closed again when shutdown begins.
+//! rewritten at start (and by every seed reload, see `reload`) and retried until every one is
+//! written, and `/readyz` is a real latch over it ([`Readiness`]), released once they are (or at
+//! once while Redis cannot be reached: an outage never makes the service unready), and closed again
+//! when shutdown begins.
 
 use std::net::SocketAddr;
 use std::path::Path;

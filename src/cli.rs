@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+use crate::admin::ReloadTrigger;
 use crate::clock::SystemClock;
 use crate::config::{Loaded, Settings};
 use crate::core::KeyHash;
@@ -174,8 +175,18 @@ async fn serve_until_signal(loaded: Loaded, catalog: Catalog) -> ExitCode {
         tracing::info!("redis.url is empty: embedded mode (seed, in-process cache and counters)");
     }
     let shutdown = shutdown_signal();
-    keep_serving_on_other_signals();
+    let hangup = keep_serving_on_other_signals();
     let (app, background) = service::build_app(&loaded, catalog, Arc::new(SystemClock));
+    let reloader = service::start_reloader(&loaded, &app, &background);
+    if let Some(mut hangup) = hangup {
+        let reloader = reloader.clone();
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the config file's routes and the seed");
+                reloader.request(ReloadTrigger::Signal);
+            }
+        });
+    }
     let (listener, addr) = match crate::http::bind(loaded.listen).await {
         Ok(bound) => bound,
         Err(e) => {
@@ -186,7 +197,7 @@ async fn serve_until_signal(loaded: Loaded, catalog: Catalog) -> ExitCode {
     tracing::info!(%addr, "listening");
     let options = service::serve_options(&loaded);
     let (stopping, stop_admin) = tokio::sync::watch::channel(false);
-    let admin = match service::build_admin(&loaded, &app) {
+    let admin = match service::build_admin(&loaded, &app, &reloader) {
         Some((listen, admin)) => match crate::http::bind(listen).await {
             Ok((admin_listener, admin_addr)) => {
                 tracing::info!(addr = %admin_addr, "admin API listening");
@@ -258,14 +269,19 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 
 /// SIGHUP, SIGUSR1 and SIGUSR2 never stop the service (SPEC §2), yet their default action is to
 /// kill the process, counters unflushed. Handled here, before the listener is announced, for the
-/// same reason as [`shutdown_signal`]; each is logged and the service keeps serving.
-fn keep_serving_on_other_signals() {
+/// same reason as [`shutdown_signal`]: SIGUSR1 and SIGUSR2 are logged and ignored; SIGHUP's
+/// stream is returned for the reloader (SPEC §10), which exists only once the service is built —
+/// a SIGHUP received meanwhile waits in it.
+fn keep_serving_on_other_signals() -> Option<tokio::signal::unix::Signal> {
     use tokio::signal::unix::{SignalKind, signal};
+    let hangup = match signal(SignalKind::hangup()) {
+        Ok(hangup) => Some(hangup),
+        Err(error) => {
+            tracing::warn!(%error, "cannot handle SIGHUP; it would stop the service (reload with POST /admin/reload)");
+            None
+        }
+    };
     let signals = [
-        (
-            SignalKind::hangup(),
-            "SIGHUP: reload is not available yet; keeping the running config and seed",
-        ),
         (SignalKind::user_defined1(), "SIGUSR1: ignored"),
         (SignalKind::user_defined2(), "SIGUSR2: ignored"),
     ];
@@ -283,4 +299,5 @@ fn keep_serving_on_other_signals() {
             }
         }
     }
+    hangup
 }

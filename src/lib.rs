@@ -13,6 +13,7 @@
 //! - `usage` keeps what `POST /usage` records (exact sums, once per request id) and the budgets
 //!   `/auth` checks against them; `quota` keeps the request limits.
 //! - `tokenizer` counts `/auth-body`'s input tokens (o200k_base) in linear time.
+//! - `reload` replaces the running seed on SIGHUP, `POST /admin/reload` and seed file changes.
 //! - `service` wires the pieces; `cli` is what the binary runs.
 
 pub mod admin;
@@ -26,6 +27,7 @@ pub mod lookup;
 pub mod metrics;
 pub mod problem;
 pub mod quota;
+pub mod reload;
 pub mod request_stats;
 pub mod seed;
 pub mod service;

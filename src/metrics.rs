@@ -138,6 +138,21 @@ fn describe_service_metrics() {
     );
     describe_gauge!("uma_seed_routes_loaded", "Routes in the loaded seed");
     describe_gauge!("uma_config_routes_loaded", "Routes in the config file");
+    describe_counter!(
+        "uma_seed_reloads_total",
+        "Seed reloads (SIGHUP, POST /admin/reload, a changed seed file) by result: ok, error (the running seed was kept)"
+    );
+    describe_gauge!(
+        "uma_seed_loaded_timestamp_seconds",
+        "When the running seed was loaded (unix seconds): at start or by the last good reload"
+    );
+    describe_gauge!(
+        "uma_header_values_interned_bytes",
+        "Bytes of distinct header values kept for the life of the process (grows only with values never loaded before)"
+    );
+    for result in ["ok", "error"] {
+        counter!("uma_seed_reloads_total", "result" => result).increment(0);
+    }
     describe_gauge!(
         "uma_redis_configured",
         "1 when redis.url is set, 0 in embedded mode"
@@ -164,7 +179,7 @@ fn describe_service_metrics() {
     );
     describe_gauge!(
         "uma_redis_seed_copies_pending",
-        "Seed copies not yet written to Redis since start (retried until 0)"
+        "Seed copies not yet written to Redis since start or the last seed reload (retried until 0)"
     );
     describe_gauge!(
         "uma_redis_up",
@@ -272,6 +287,18 @@ impl Metrics {
         gauge!("uma_metadata_entries_loaded").set(catalog.entry_count() as f64);
         gauge!("uma_seed_routes_loaded").set(catalog.policy.seed_routes.len() as f64);
         gauge!("uma_config_routes_loaded").set(catalog.policy.config_routes.len() as f64);
+        gauge!("uma_header_values_interned_bytes")
+            .set(crate::core::intern::interned_bytes() as f64);
+    }
+
+    /// The running seed was loaded at `at` (start, or a good reload).
+    pub fn seed_loaded(&self, at: jiff::Timestamp) {
+        gauge!("uma_seed_loaded_timestamp_seconds").set(at.as_millisecond() as f64 / 1000.0);
+    }
+
+    /// A reload ended: `ok` (the new seed runs) or `error` (the running one was kept).
+    pub fn seed_reloaded(&self, result: &'static str) {
+        counter!("uma_seed_reloads_total", "result" => result).increment(1);
     }
 
     pub fn render(&self) -> String {

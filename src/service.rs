@@ -2,9 +2,10 @@
 //! the real server in process (with an injected clock) on port 0.
 //!
 //! Also the background work that keeps Redis in line with the running seed: the seed copies are
-//! rewritten at start and retried until every one is written, and `/readyz` is a real latch over
-//! it ([`Readiness`]), released once they are (or at once while Redis cannot be reached: an outage
-//! never makes the service unready), and closed again when shutdown begins.
+//! rewritten at start (and by every seed reload, see `reload`) and retried until every one is
+//! written, and `/readyz` is a real latch over it ([`Readiness`]), released once they are (or at
+//! once while Redis cannot be reached: an outage never makes the service unready), and closed again
+//! when shutdown begins.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -28,6 +29,7 @@ use crate::lookup::{Invalidation, Resolver, seed_copies};
 use crate::metrics::{self, Metrics};
 use crate::problem::Problem;
 use crate::quota::Quotas;
+use crate::reload::Reloader;
 use crate::seed;
 use crate::store::RedisStore;
 use crate::tdl::TdlCounters;
@@ -36,11 +38,28 @@ use crate::usage::UsageBook;
 /// Loads the seed (at `seed_path`, or the config's) and indexes it with the config routes.
 pub fn load_catalog(loaded: &Loaded, seed_path: Option<&Path>) -> Result<Catalog, Vec<Problem>> {
     let path = seed_path.unwrap_or(&loaded.settings.seed.path);
-    let rules = seed::SeedRules {
-        max_bytes: loaded.settings.seed.max_bytes,
-        capability_names: loaded.capability_names.clone(),
-    };
-    let data = seed::load_file(path, &rules)?;
+    let text = seed::read_file(path, loaded.settings.seed.max_bytes)?;
+    let digest = seed_digest(&text);
+    catalog_from_text(loaded, path, text, digest)
+}
+
+/// SHA-256 of a seed's text: what tells a changed seed file from one written again unchanged.
+pub fn seed_digest(text: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(text.as_bytes()).into()
+}
+
+/// Checks seed `text` read from `path` (its [`seed_digest`] given) and indexes it with the config
+/// routes of `loaded`. The text, plain keys and all, is dropped before the catalog is built.
+pub fn catalog_from_text(
+    loaded: &Loaded,
+    path: &Path,
+    text: String,
+    digest: [u8; 32],
+) -> Result<Catalog, Vec<Problem>> {
+    let parsed = seed::parse_with(&text, &path.display().to_string(), &loaded.capability_names);
+    drop(text);
+    let data = parsed?;
     let policy = Policy {
         global: data.global,
         global_acl: data.global_acl,
@@ -49,14 +68,16 @@ pub fn load_catalog(loaded: &Loaded, seed_path: Option<&Path>) -> Result<Catalog
         capability_names: loaded.capability_names.clone(),
         ..Policy::build(data.routes, loaded.routes.clone())
     };
-    let catalog = Catalog::new(data.consumers, policy);
+    let mut catalog = Catalog::new(data.consumers, policy);
+    catalog.seed_digest = Some(digest);
     release_freed_memory();
     Ok(catalog)
 }
 
 /// Hands the memory freed after parsing (the seed text and its tree, several times the size of
-/// what is kept) back to the system; glibc would otherwise keep it as resident memory for good.
-fn release_freed_memory() {
+/// what is kept, or a catalog replaced by a reload) back to the system; glibc would otherwise keep
+/// it as resident memory for good.
+pub(crate) fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free heap pages; it takes no pointers and is thread-safe.
     unsafe {
@@ -197,6 +218,7 @@ pub fn build_app(
     let metrics = Metrics::new(handle.clone());
     metrics::spawn_upkeep(handle);
     metrics.loaded(&catalog);
+    metrics.seed_loaded(jiff::Timestamp::now());
     let settings = &loaded.settings;
     // The URL was checked with the config; a failure here is a bug, reported and survived.
     let store = loaded
@@ -268,6 +290,7 @@ pub fn build_app(
     // Built off the start path: the first /auth-body call waits for it only if it comes first.
     crate::tokenizer::warm_up();
     let (stop, stopped) = watch::channel(false);
+    let mut copies = None;
     if let Some(store) = &store {
         let interval = Duration::from_millis(settings.redis.health_interval_ms);
         // Whatever was published while Redis was away is lost: forget every cached answer.
@@ -278,14 +301,15 @@ pub fn build_app(
             }
         });
         spawn_invalidations(store.clone(), Arc::downgrade(&app), stopped.clone());
-        spawn_seed_copies(
+        let writer = Arc::new(SeedCopies::new(
             store.clone(),
-            app.catalog.load_full(),
             settings.redis.cache_ttl_secs,
             interval,
             ready.clone(),
             stopped.clone(),
-        );
+        ));
+        writer.start(app.catalog.load_full());
+        copies = Some(writer);
         tokio::spawn(usage.clone().run_writer(stopped.clone()));
         tokio::spawn(counters.clone().run_flusher(stopped));
     }
@@ -294,6 +318,7 @@ pub fn build_app(
         counters,
         usage,
         ready,
+        copies,
         final_flush: Duration::from_millis(settings.tdl.shutdown_flush_ms),
     };
     (app, background)
@@ -325,10 +350,69 @@ fn spawn_invalidations(store: Arc<RedisStore>, app: Weak<App>, stopped: watch::R
     });
 }
 
+/// The writer of the seed's copies in Redis: one run at a time, started for the seed loaded at
+/// start and restarted by every reload for the new one (see [`spawn_seed_copies`]).
+pub struct SeedCopies {
+    store: Arc<RedisStore>,
+    ttl: u64,
+    poll: Duration,
+    ready: Arc<Readiness>,
+    stopped: watch::Receiver<bool>,
+    current: std::sync::Mutex<Option<CopyRun>>,
+}
+
+impl SeedCopies {
+    pub fn new(
+        store: Arc<RedisStore>,
+        ttl: u64,
+        poll: Duration,
+        ready: Arc<Readiness>,
+        stopped: watch::Receiver<bool>,
+    ) -> SeedCopies {
+        SeedCopies {
+            store,
+            ttl,
+            poll,
+            ready,
+            stopped,
+            current: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Writes `catalog`'s copies, cancelling the run for an earlier catalog (its round trip in
+    /// flight lands first, so no copy of the older seed is written after one of this one).
+    pub fn start(&self, catalog: Arc<Catalog>) {
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let previous = current.take();
+        *current = Some(spawn_seed_copies(
+            self.store.clone(),
+            catalog,
+            self.ttl,
+            self.poll,
+            self.ready.clone(),
+            self.stopped.clone(),
+            previous,
+        ));
+    }
+}
+
+/// One run of the seed copies' writer; [`spawn_seed_copies`] cancels it when it is given it.
+pub struct CopyRun {
+    cancel: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
 /// Rewrites the seed's copies in Redis (SETEX; operator records are left alone) so a restarted
 /// service never leaves an older seed's copies behind, retrying what was not written until all of
 /// it is: a failed chunk neither stops the others nor is forgotten. Meanwhile lookups never take a
-/// copy over the running seed, so this only decides when `/readyz` lets traffic in.
+/// copy over the running seed, so this only decides when `/readyz` lets traffic in (the first
+/// run; the latch stays released through reloads).
+///
+/// `previous`, the run for an earlier seed, is told to stop and waited for before anything is
+/// written: it stops between round trips, and a reload's copies then overwrite what it wrote.
 pub fn spawn_seed_copies(
     store: Arc<RedisStore>,
     catalog: Arc<Catalog>,
@@ -336,8 +420,14 @@ pub fn spawn_seed_copies(
     poll: Duration,
     ready: Arc<Readiness>,
     mut stopped: watch::Receiver<bool>,
-) {
-    tokio::spawn(async move {
+    previous: Option<CopyRun>,
+) -> CopyRun {
+    let (cancel, mut cancelled) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        if let Some(previous) = previous {
+            let _ = previous.cancel.send(true);
+            let _ = previous.task.await;
+        }
         let Ok(mut left) = tokio::task::spawn_blocking(move || seed_copies(&catalog)).await else {
             return;
         };
@@ -346,6 +436,9 @@ pub fn spawn_seed_copies(
         let poll = poll.max(Duration::from_millis(10));
         let (mut chunk, mut backoff, mut warned) = (COPY_CHUNK, poll, false);
         loop {
+            if *cancelled.borrow() {
+                return;
+            }
             pending.set(left.len() as f64);
             if left.is_empty() {
                 ready.seed_copies_written();
@@ -357,10 +450,20 @@ pub fn spawn_seed_copies(
                 tokio::select! {
                     () = tokio::time::sleep(poll) => {}
                     _ = stopped.changed() => return,
+                    _ = cancelled.changed() => return,
                 }
                 continue;
             }
-            let failed = store.put_seed_copies(&left, ttl, chunk).await;
+            // A chunk per round trip, so a newer seed's run takes over between two of them.
+            let mut failed = Vec::new();
+            for (n, part) in left.chunks(chunk).enumerate() {
+                if *cancelled.borrow() {
+                    return;
+                }
+                let first = n * chunk;
+                let missed = store.put_seed_copies(part, ttl, chunk).await;
+                failed.extend(missed.into_iter().map(|i| first + i));
+            }
             if failed.len() < left.len() {
                 backoff = poll;
             }
@@ -384,11 +487,13 @@ pub fn spawn_seed_copies(
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     _ = stopped.changed() => return,
+                    _ = cancelled.changed() => return,
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
     });
+    CopyRun { cancel, task }
 }
 
 /// Background work owned by a running service.
@@ -397,10 +502,21 @@ pub struct Background {
     counters: Arc<TdlCounters>,
     usage: Arc<UsageBook>,
     ready: Arc<Readiness>,
+    /// The seed copies' writer, with Redis configured; a reload restarts it.
+    copies: Option<Arc<SeedCopies>>,
     final_flush: Duration,
 }
 
 impl Background {
+    /// Turns true when [`Background::stop`] begins (or the service is gone).
+    pub fn stopped(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    pub fn seed_copies(&self) -> Option<Arc<SeedCopies>> {
+        self.copies.clone()
+    }
+
     /// Stops the writers and writes what is pending, counters and usage records side by side
     /// (each trying for at most `tdl.shutdown_flush_ms`).
     pub async fn stop(self) {
@@ -422,14 +538,31 @@ pub fn serve_options(loaded: &Loaded) -> ServeOptions {
     }
 }
 
+/// Starts the seed reloads (SPEC §10) of the service built by [`build_app`]: SIGHUP (the caller
+/// forwards it), `POST /admin/reload` and, with `seed.watch`, changes of the seed file. They stop
+/// with the background work.
+pub fn start_reloader(loaded: &Loaded, app: &Arc<App>, background: &Background) -> Arc<Reloader> {
+    Reloader::start(
+        loaded,
+        app.clone(),
+        background.seed_copies(),
+        background.stopped(),
+    )
+}
+
 /// The admin API over `app`, when `loaded` configures a token (SPEC §10).
-pub fn build_admin(loaded: &Loaded, app: &Arc<App>) -> Option<(SocketAddr, Arc<AdminApp>)> {
+pub fn build_admin(
+    loaded: &Loaded,
+    app: &Arc<App>,
+    reloader: &Arc<Reloader>,
+) -> Option<(SocketAddr, Arc<AdminApp>)> {
     let access = loaded.admin.as_ref()?;
     let admin = Admin {
         app: app.clone(),
         store: app.store.clone(),
         audit_max_entries: loaded.settings.admin.audit_max_entries,
         writes: tokio::sync::Mutex::new(()),
+        reloader: reloader.clone(),
     };
     Some((
         access.listen,
@@ -443,6 +576,8 @@ pub struct Running {
     /// The admin listener's address, when it is open.
     pub admin_addr: Option<SocketAddr>,
     pub app: Arc<App>,
+    /// The reloads of this server's seed (its file is watched when `seed.watch` is on).
+    pub reloader: Arc<Reloader>,
     background: Background,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
@@ -458,7 +593,8 @@ impl Running {
         let (stop, stopped) = oneshot::channel::<()>();
         let options = serve_options(loaded);
         let (admin_stop, admin_stopped) = watch::channel(false);
-        let admin_addr = match build_admin(loaded, &app) {
+        let reloader = start_reloader(loaded, &app, &background);
+        let admin_addr = match build_admin(loaded, &app, &reloader) {
             Some((listen, admin)) => {
                 let (admin_listener, admin_addr) = http::bind(listen).await?;
                 let mut stopped = admin_stopped;
@@ -477,6 +613,7 @@ impl Running {
             addr,
             admin_addr,
             app,
+            reloader,
             background,
             stop: Some(stop),
             task,

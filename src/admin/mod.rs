@@ -8,8 +8,8 @@
 
 pub mod audit;
 mod consumers;
-mod keys;
 pub mod export;
+mod keys;
 
 use std::sync::Arc;
 
@@ -134,6 +134,8 @@ pub struct Admin {
     /// Admin writes of this replica, one at a time: each reads what it checks and then writes,
     /// and two of them interleaved could both pass a check only one should.
     pub writes: tokio::sync::Mutex<()>,
+    /// The seed reloads `POST /admin/reload` asks for (shared with SIGHUP and the file watch).
+    pub reloader: Arc<crate::reload::Reloader>,
 }
 
 /// Audit entries per page when `limit` is not given, and the most a page may hold.
@@ -248,11 +250,46 @@ fn is_stream_id(id: &str) -> bool {
 }
 
 impl Admin {
-    pub async fn reload(&self, _actor: &Actor, _trigger: ReloadTrigger) -> (StatusCode, Value) {
-        (
-            StatusCode::NOT_IMPLEMENTED,
-            serde_json::json!({"message":"Not built yet"}),
-        )
+    /// Reloads the seed now and answers with how it went (SPEC §10): 200 with what runs, or 422
+    /// with every problem of a seed that was refused (the running one is kept).
+    pub async fn reload(&self, actor: &Actor, trigger: ReloadTrigger) -> (StatusCode, Value) {
+        use crate::reload::ReloadOutcome;
+        use serde_json::json;
+        match self.reloader.reload(trigger, &actor.0).await {
+            ReloadOutcome::Loaded(seed) => (
+                StatusCode::OK,
+                json!({
+                    "result": "ok",
+                    "consumers": seed.consumers,
+                    "keys": seed.keys,
+                    "entries": seed.entries,
+                    "routes": seed.routes,
+                    "loaded_at": seed.loaded_at.to_string(),
+                }),
+            ),
+            ReloadOutcome::Invalid(problems) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({
+                    "result": "error",
+                    "message": "The seed is invalid; the running seed is kept",
+                    "problems": problems
+                        .iter()
+                        .map(|p| json!({
+                            "file": p.file,
+                            "line": p.line,
+                            "field": p.path,
+                            "reason": p.reason,
+                        }))
+                        .collect::<Vec<_>>(),
+                }),
+            ),
+            // Only a file change can find the seed unchanged; this reload always reads it.
+            ReloadOutcome::Unchanged => (StatusCode::OK, json!({"result": "unchanged"})),
+            ReloadOutcome::Stopped => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"message": "The service is stopping; the seed was not reloaded"}),
+            ),
+        }
     }
     pub async fn usage_export(&self, params: &Params, csv: bool) -> Result<Export, AdminError> {
         export::usage_export(&self.app, params, csv).await

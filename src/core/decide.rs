@@ -44,6 +44,9 @@ pub struct Catalog {
     pub by_key: HashMap<KeyHash, Arc<Consumer>>,
     pub by_name: HashMap<Arc<str>, Arc<Consumer>>,
     pub policy: Policy,
+    /// SHA-256 of the seed text the catalog was read from, when it was read from a file: a reload
+    /// on a file change skips a seed whose bytes are the running one's.
+    pub seed_digest: Option<[u8; 32]>,
 }
 
 impl Catalog {

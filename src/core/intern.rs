@@ -7,7 +7,17 @@
 //! seconds, a seed reload) reuses its copy: memory grows only with values never seen before.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
+
+/// Bytes of every value interned so far (never freed).
+static INTERNED_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// How many bytes of values the pool holds: it grows only with values never seen before (a reload
+/// of a seed whose values all ran before adds nothing).
+pub fn interned_bytes() -> usize {
+    INTERNED_BYTES.load(Ordering::Relaxed)
+}
 
 /// The `'static` copy of `bytes`, made on first sight.
 pub fn intern(bytes: &[u8]) -> &'static [u8] {
@@ -21,6 +31,7 @@ pub fn intern(bytes: &[u8]) -> &'static [u8] {
     }
     let copy: &'static [u8] = Box::leak(bytes.to_vec().into_boxed_slice());
     pool.insert(copy);
+    INTERNED_BYTES.fetch_add(copy.len(), Ordering::Relaxed);
     copy
 }
 

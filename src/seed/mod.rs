@@ -29,17 +29,21 @@ pub struct SeedRules {
 
 /// Reads and checks a seed file of at most `rules.max_bytes`; the problems name the file as given.
 pub fn load_file(path: &Path, rules: &SeedRules) -> Result<SeedData, Vec<Problem>> {
-    let max_bytes = rules.max_bytes;
-    let label = path.display().to_string();
-    let text = read_seed(path, max_bytes).map_err(|reason| {
+    let text = read_file(path, rules.max_bytes)?;
+    parse_with(&text, &path.display().to_string(), &rules.capability_names)
+}
+
+/// The text of a seed file of at most `max_bytes` (a regular file only), unchecked; the problem
+/// names the file as given. The text holds plain keys: drop it once it is parsed.
+pub fn read_file(path: &Path, max_bytes: u64) -> Result<String, Vec<Problem>> {
+    read_seed(path, max_bytes).map_err(|reason| {
         vec![Problem {
-            file: label.clone(),
+            file: path.display().to_string(),
             line: None,
             path: String::new(),
             reason,
         }]
-    })?;
-    parse_with(&text, &label, &rules.capability_names)
+    })
 }
 
 /// What a file that is not a regular file is, for messages: `a FIFO`, `a directory`, ...

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod echo;
 pub mod redis;
+pub mod reload;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -288,29 +288,38 @@ impl RedisStore {
         message: impl Fn(&str),
         mut stopped: watch::Receiver<bool>,
     ) {
+        // Said once per loss, and only while Redis otherwise answers: an outage is the health
+        // latch's to say (once, SPEC §2).
         let mut warned = false;
         loop {
             let session = self.subscription(&subscribed, &message);
-            let ended = tokio::select! {
+            let (was_subscribed, ended) = tokio::select! {
                 ended = session => ended,
                 _ = stopped.wait_for(|s| *s) => return,
             };
-            if !warned {
+            if was_subscribed {
+                warned = false;
+            }
+            if !warned && self.is_up() {
                 tracing::warn!(redis = %self.url_for_logs, reason = %ended, "invalidation subscription lost; resubscribing (caches are flushed once it is back)");
                 warned = true;
+            } else {
+                tracing::debug!(reason = %ended, "invalidation subscription not in place; retrying");
             }
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(100)) => {}
                 _ = stopped.wait_for(|s| *s) => return,
             }
-            if self.is_up() {
-                warned = false;
-            }
         }
     }
 
-    /// One subscription, until its connection fails; returns why it ended.
-    async fn subscription(&self, subscribed: &impl Fn(), message: &impl Fn(&str)) -> String {
+    /// One subscription, until its connection fails; returns whether it was in place, and why it
+    /// ended.
+    async fn subscription(
+        &self,
+        subscribed: &impl Fn(),
+        message: &impl Fn(&str),
+    ) -> (bool, String) {
         let connect = async {
             let mut pubsub = self.client.get_async_pubsub().await?;
             pubsub.subscribe(INVALIDATION_CHANNEL).await?;
@@ -318,8 +327,8 @@ impl RedisStore {
         };
         let pubsub = match tokio::time::timeout(PUBSUB_PING, connect).await {
             Ok(Ok(pubsub)) => pubsub,
-            Ok(Err(e)) => return e.to_string(),
-            Err(_) => return "no answer within 1s".into(),
+            Ok(Err(e)) => return (false, e.to_string()),
+            Err(_) => return (false, "no answer within 1s".into()),
         };
         tracing::debug!("subscribed to {INVALIDATION_CHANNEL}");
         let subscribed_gauge = metrics::gauge!("uma_invalidation_subscribed");
@@ -333,7 +342,7 @@ impl RedisStore {
         subscribed_gauge.set(0.0);
         self.subscribed
             .store(false, std::sync::atomic::Ordering::Release);
-        ended
+        (true, ended)
     }
 
     /// Whether the invalidation subscription is in place now.

@@ -1732,3 +1732,35 @@ fn a_killed_subscription_is_replaced_and_a_revocation_still_reaches_the_replica(
     println!("revocation on B after it resubscribed: {took:?}");
     assert!(took.is_some(), "B no longer receives invalidations");
 }
+
+/// The issue's own fault: every replica's subscription killed at once (`CLIENT KILL TYPE pubsub`)
+/// while a key is revoked. The message is lost for all of them; each resubscribes and flushes.
+#[test]
+fn client_kill_type_pubsub_during_a_revocation_still_refuses_on_every_replica() {
+    let redis = Redis::start();
+    let replicas = replicas(&redis);
+    let (a, b, c) = (&replicas[0], &replicas[1], &replicas[2]);
+    a.put_consumer("kt", &consumer_body("kt-1", "p-kt", &[]));
+    let (id, key) = a.create_key("kt", Some(&json!({"name": "k"})));
+    assert!(allowed_within(b, &key, BOUND), "created key on B");
+    assert!(allowed_within(c, &key, BOUND), "created key on C");
+    warm(&[b, c], &key);
+
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    a.expect(
+        200,
+        "DELETE",
+        &format!("/admin/consumers/kt/keys/{id}"),
+        None,
+    );
+    for (name, node) in [("B", b), ("C", c)] {
+        let took = poll(Duration::from_secs(2), || node.auth_key(&key).status == 401);
+        println!("{name}: revoked key refused after CLIENT KILL TYPE pubsub: {took:?}");
+        assert!(
+            took.is_some(),
+            "{name} served a revoked key 2 s after its subscription was killed"
+        );
+    }
+    let back = poll(Duration::from_secs(5), || subscribers(&redis) == 3);
+    assert!(back.is_some(), "the replicas did not all subscribe again");
+}

@@ -52,31 +52,22 @@ impl Admin {
         seed.sort_unstable();
         let (operator, deleted) = match self.store_for_read()? {
             Some(store) => {
-                // Start where both the cursor and the prefix allow.
-                let from = match cursor {
-                    Some(c) if c.as_str() >= prefix => Some(c.clone()),
-                    _ => None,
+                // Names with the prefix are one run of the ordered set, from the later of the
+                // cursor and the prefix on.
+                let low = match cursor {
+                    Some(c) if c.as_str() >= prefix => format!("({c}"),
+                    _ if prefix.is_empty() => "-".to_owned(),
+                    _ => format!("[{prefix}"),
                 };
-                let mut operator = Vec::new();
-                let mut after = from;
-                // Names below the prefix are skipped in pages of their own.
-                loop {
-                    let page = store
-                        .members_after(keys::OPERATOR_CONSUMERS, after.as_deref(), MAX_PAGE)
-                        .await
-                        .map_err(AdminError::from_store)?;
-                    let done = page.len() < MAX_PAGE;
-                    after = page.last().cloned();
-                    let past_prefix = page
-                        .last()
-                        .is_some_and(|l| !l.starts_with(prefix) && l.as_str() > prefix);
-                    operator.extend(page.into_iter().filter(|n| n.starts_with(prefix)));
-                    if done || past_prefix || operator.len() > limit {
-                        break;
-                    }
-                }
+                let operator: Vec<String> = store
+                    .members_from(keys::OPERATOR_CONSUMERS, &low, limit + 1)
+                    .await
+                    .map_err(AdminError::from_store)?
+                    .into_iter()
+                    .take_while(|n| n.starts_with(prefix))
+                    .collect();
                 let deleted = store
-                    .members_after(keys::DELETED_CONSUMERS, None, usize::MAX >> 1)
+                    .members_from(keys::DELETED_CONSUMERS, "-", usize::MAX >> 1)
                     .await
                     .map_err(AdminError::from_store)?;
                 (operator, deleted)

@@ -255,15 +255,15 @@ impl RedisStore {
         pairs(&reply)
     }
 
-    /// Members of a score-0 sorted set from `from` (exclusive; `None`: the start), in order.
-    pub async fn members_after(
+    /// Members of a score-0 sorted set from `low` on, in order, at most `limit`. `low` is a
+    /// `ZRANGEBYLEX` bound: `-` (the start), `[name` (from it) or `(name` (after it).
+    pub async fn members_from(
         &self,
         key: &str,
-        from: Option<&str>,
+        low: &str,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        let key = key.to_owned();
-        let low = from.map_or_else(|| "-".to_owned(), |f| format!("({f}"));
+        let (key, low) = (key.to_owned(), low.to_owned());
         let reply = self
             .run_within(Patience::Bulk, |mut conn| async move {
                 redis::cmd("ZRANGEBYLEX")

@@ -13,6 +13,9 @@
 //! - `usage` keeps what `POST /usage` records (exact sums, once per request id) and the budgets
 //!   `/auth` checks against them; `quota` keeps the request limits.
 //! - `tokenizer` counts `/auth-body`'s input tokens (o200k_base) in linear time.
+//! - `admin` changes consumers and keys at runtime (operator records in Redis, audited, published
+//!   on the invalidation channel every replica's `lookup` listens to) and exports billing;
+//!   `http::admin` is its listener.
 //! - `reload` replaces the running seed on SIGHUP, `POST /admin/reload` and seed file changes.
 //! - `service` wires the pieces; `cli` is what the binary runs.
 

@@ -194,23 +194,10 @@ async fn serve_until_signal(loaded: Loaded, catalog: Catalog) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(%addr, "listening");
-    let options = service::serve_options(&loaded);
-    let (stopping, stop_admin) = tokio::sync::watch::channel(false);
+    // Bound before the service says it listens: a taken admin port is an exit, not a half start.
     let admin = match service::build_admin(&loaded, &app, &reloader) {
         Some((listen, admin)) => match crate::http::bind(listen).await {
-            Ok((admin_listener, admin_addr)) => {
-                tracing::info!(addr = %admin_addr, "admin API listening");
-                let mut stop_admin = stop_admin;
-                Some(tokio::spawn(crate::http::serve(
-                    admin_listener,
-                    admin,
-                    options,
-                    async move {
-                        let _ = stop_admin.wait_for(|s| *s).await;
-                    },
-                )))
-            }
+            Ok((admin_listener, admin_addr)) => Some((admin_listener, admin_addr, admin)),
             Err(e) => {
                 eprintln!("error: cannot listen on {listen} (admin.listen): {e}");
                 return ExitCode::FAILURE;
@@ -231,6 +218,20 @@ async fn serve_until_signal(loaded: Loaded, catalog: Catalog) -> ExitCode {
             None
         }
     };
+    tracing::info!(%addr, "listening");
+    let options = service::serve_options(&loaded);
+    let (stopping, mut stop_admin) = tokio::sync::watch::channel(false);
+    let admin = admin.map(|(admin_listener, admin_addr, admin)| {
+        tracing::info!(addr = %admin_addr, "admin API open");
+        tokio::spawn(crate::http::serve(
+            admin_listener,
+            admin,
+            options,
+            async move {
+                let _ = stop_admin.wait_for(|s| *s).await;
+            },
+        ))
+    });
     let draining = app.clone();
     let shutdown = async move {
         shutdown.await;

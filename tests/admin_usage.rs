@@ -7,10 +7,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::redis::{Redis, free_port};
+use common::redis::Redis;
 use common::{Response, Service, away_from_midnight, request};
 use serde_json::{Value, json};
 
@@ -59,8 +59,6 @@ const CONFIG: &str = "[[routes]]\nprefix = \"/e1\"\nmetadata_id = \"e1\"\n\n[[ro
 /// The service (on `redis`, embedded when `None`) with the admin API on a port of its own, ready.
 fn serve(redis: Option<&Redis>) -> (Service, SocketAddr) {
     let url = redis.map(Redis::url).unwrap_or_default();
-    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let admin_listen = admin.to_string();
     let env = [
         ("UMA_REDIS__URL", url.as_str()),
         ("UMA_REDIS__COMMAND_TIMEOUT_MS", "2000"),
@@ -68,7 +66,8 @@ fn serve(redis: Option<&Redis>) -> (Service, SocketAddr) {
         // Records may be up to a week old: enough for days of two months near a month's start.
         ("UMA_USAGE__DEDUP_HOURS", "168"),
         ("UMA_ADMIN__TOKEN", ADMIN_TOKEN),
-        ("UMA_ADMIN__LISTEN", admin_listen.as_str()),
+        // Port 0: the address is read from the log, so no other test can take it first.
+        ("UMA_ADMIN__LISTEN", "127.0.0.1:0"),
     ];
     let service = Service::with_files_env(CONFIG, &seed(), &env);
     wait_until(&service, "ready", || {
@@ -79,9 +78,7 @@ fn serve(redis: Option<&Redis>) -> (Service, SocketAddr) {
             service.get("/readyz", &[]).json()["redis"]["connected"] == true
         });
     }
-    wait_until(&service, "the admin listener", || {
-        TcpStream::connect(admin).is_ok()
-    });
+    let admin = service.admin_addr();
     (service, admin)
 }
 

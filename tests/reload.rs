@@ -5,12 +5,12 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::redis::{Redis, free_port};
+use common::redis::Redis;
 use common::reload::*;
 use common::*;
 
@@ -43,16 +43,6 @@ fn wait_status(service: &Service, key: &str, status: u16, limit: Duration) -> Du
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-fn admin_addr(port: u16) -> SocketAddr {
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "admin listener never opened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    addr
 }
 
 fn post_reload(addr: SocketAddr, token: Option<&str>) -> Response {
@@ -257,19 +247,18 @@ fn sighup_reloads_the_seed_and_the_config_routes() {
 #[test]
 fn admin_reload_answers_with_the_result() {
     let mut files = Files::new();
-    let port = free_port().to_string();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = "127.0.0.1:0";
     let seed_routes = "routes:\n  - name: chat\n    paths: [\"/chat\"]\n";
     let service = files.serve(
         "[[routes]]\nprefix = \"/private\"\n",
         &(seed(&[alice("c-1")]) + seed_routes),
         &[
             ("UMA_ADMIN__TOKEN", TOKEN),
-            ("UMA_ADMIN__LISTEN", &listen),
+            ("UMA_ADMIN__LISTEN", listen),
             ("UMA_SEED__WATCH", "false"),
         ],
     );
-    let admin = admin_addr(port.parse().unwrap());
+    let admin = service.admin_addr();
     let started_at = metric(&service, "uma_seed_loaded_timestamp_seconds");
     assert!(started_at > 1.0e9, "set at start: {started_at}");
 
@@ -355,8 +344,7 @@ fn admin_reload_answers_with_the_result() {
 fn requests_in_flight_during_reloads_all_succeed() {
     let redis = Redis::start();
     let mut files = Files::new();
-    let port = free_port().to_string();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = "127.0.0.1:0";
     let url = redis.url();
     let seeds = [seed(&[alice("c-a"), bob()]), seed(&[carol(), alice("c-b")])];
     let service = Arc::new(files.serve(
@@ -365,11 +353,11 @@ fn requests_in_flight_during_reloads_all_succeed() {
         &[
             ("UMA_REDIS__URL", &url),
             ("UMA_ADMIN__TOKEN", TOKEN),
-            ("UMA_ADMIN__LISTEN", &listen),
+            ("UMA_ADMIN__LISTEN", listen),
             ("UMA_SEED__WATCH", "false"),
         ],
     ));
-    let admin = admin_addr(port.parse().unwrap());
+    let admin = service.admin_addr();
     wait_copies_written(&service, Duration::from_secs(10));
     let stop = Arc::new(AtomicBool::new(false));
     let client = {

@@ -163,6 +163,37 @@ impl Service {
         self.logs.lock().unwrap().join("\n")
     }
 
+    /// The admin listener's address as the service logged it (start it with
+    /// `UMA_ADMIN__LISTEN=127.0.0.1:0`, so no other test can take the port first).
+    pub fn admin_addr(&self) -> SocketAddr {
+        let started = Instant::now();
+        loop {
+            let found = self
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains("admin API open"))
+                .find_map(|l| {
+                    l.split("addr=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .parse()
+                        .ok()
+                });
+            if let Some(addr) = found {
+                return addr;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the admin listener never opened:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
         request(self.addr, "GET", path, headers)
     }

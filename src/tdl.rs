@@ -987,33 +987,24 @@ impl TdlCounters {
         let Some(c) = state.consumers.get(consumer) else {
             return Vec::new();
         };
-        let in_range = |k: &EntryDay| (from..=to).contains(&k.date);
-        let mut out: Vec<HeldCalls> = c
-            .pending
-            .iter()
-            .filter(|(k, _)| in_range(k))
-            .map(|(k, day)| HeldCalls {
+        // This process's counts not yet sent, then the share in flight (under its sequence).
+        let pending = c.pending.iter().map(|(k, day)| (k, day, None));
+        let flying = c.in_flight.iter().flat_map(|share| {
+            share
+                .counts
+                .iter()
+                .map(move |(k, day)| (k, day, Some(share.seq)))
+        });
+        pending
+            .chain(flying)
+            .filter(|(k, _, _)| (from..=to).contains(&k.date))
+            .map(|(k, day, in_flight)| HeldCalls {
                 entry: k.entry.clone(),
                 date: k.date,
                 calls: day.iter().sum(),
-                in_flight: None,
+                in_flight,
             })
-            .collect();
-        if let Some(share) = &c.in_flight {
-            out.extend(
-                share
-                    .counts
-                    .iter()
-                    .filter(|(k, _)| in_range(k))
-                    .map(|(k, day)| HeldCalls {
-                        entry: k.entry.clone(),
-                        date: k.date,
-                        calls: day.iter().sum(),
-                        in_flight: Some(share.seq),
-                    }),
-            );
-        }
-        out
+            .collect()
     }
 }
 

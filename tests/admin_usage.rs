@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::money::{UNIT, decimal, units};
 use common::redis::Redis;
 use common::{Response, Service, away_from_midnight, request};
 use serde_json::{Value, json};
@@ -18,7 +19,6 @@ const USAGE_TOKEN: &str = "usage-ingest-token-for-the-export";
 const ADMIN_TOKEN: &str = "admin-token-0123456789abcdefghijklmnop";
 const TDL: &str = "{T1: [0], T2: [0], T3: [0], T4: [0], T5: [0], T6: [0], T7: [0], T8: [0], T9: [0], T10: [0], T11: [0], T12: [0]}";
 /// 10⁻¹² of the price unit: the service's exact unit (SPEC §9).
-const UNIT: u128 = 1_000_000_000_000;
 
 /// A username that CSV must quote (a comma and quotes: printable ASCII, allowed by SPEC §3).
 const BOB: &str = "bob \"the builder\", jr";
@@ -153,29 +153,6 @@ fn post_records(service: &Service, records: &[Value]) {
 
 // ---------------------------------------------------------------------------------------------
 // What the export must say, computed here
-
-/// A price written in decimal text (`3e-8`, `0.000002`, `1`) in units of 10⁻¹².
-fn units(price: &str) -> u128 {
-    let (mantissa, exponent) = match price.split_once(['e', 'E']) {
-        Some((m, e)) => (m, e.parse::<i32>().expect("exponent")),
-        None => (price, 0),
-    };
-    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    let digits: u128 = format!("{int}{frac}").parse().expect("digits");
-    let shift = 12 - frac.len() as i32 + exponent;
-    assert!(shift >= 0, "{price} has more than 12 decimal places");
-    digits * 10u128.pow(shift as u32)
-}
-
-/// Units of 10⁻¹² as SPEC §9 prints them: plain decimal, no exponent, no trailing zeros.
-fn decimal(units: u128) -> String {
-    let (int, frac) = (units / UNIT, units % UNIT);
-    if frac == 0 {
-        int.to_string()
-    } else {
-        format!("{int}.{}", format!("{frac:012}").trim_end_matches('0'))
-    }
-}
 
 fn prices(consumer: &str, entry: &str) -> (u128, u128) {
     let (_, _, entries) = CONSUMERS

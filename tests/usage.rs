@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::money::{UNIT, decimal, units};
 use common::redis::Redis;
 use common::*;
 use serde_json::{Value, json};
@@ -20,7 +21,6 @@ use serde_json::{Value, json};
 const TOKEN: &str = "usage-ingest-token-7f3a";
 const TDL: &str = "{T1: [0], T2: [0], T3: [0], T4: [0], T5: [0], T6: [0], T7: [0], T8: [0], T9: [0], T10: [0], T11: [0], T12: [0]}";
 /// 10⁻¹² of the price unit: the service's exact unit (SPEC §9).
-const UNIT: u128 = 1_000_000_000_000;
 
 // ---------------------------------------------------------------------------------------------
 // Seeds and services
@@ -333,29 +333,6 @@ fn month_end() -> (u64, u64) {
 
 // ---------------------------------------------------------------------------------------------
 // Money, exactly
-
-/// A price written in decimal text (`3e-8`, `0.000000075`, `2`) in units of 10⁻¹².
-fn units(price: &str) -> u128 {
-    let (mantissa, exponent) = match price.split_once(['e', 'E']) {
-        Some((m, e)) => (m, e.parse::<i32>().expect("exponent")),
-        None => (price, 0),
-    };
-    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    let digits: u128 = format!("{int}{frac}").parse().expect("digits");
-    let shift = 12 - frac.len() as i32 + exponent;
-    assert!(shift >= 0, "{price} has more than 12 decimal places");
-    digits * 10u128.pow(shift as u32)
-}
-
-/// Units of 10⁻¹² as SPEC §9 prints them: plain decimal, no exponent, no trailing zeros.
-fn decimal(units: u128) -> String {
-    let (int, frac) = (units / UNIT, units % UNIT);
-    if frac == 0 {
-        int.to_string()
-    } else {
-        format!("{int}.{}", format!("{frac:012}").trim_end_matches('0'))
-    }
-}
 
 /// A cost string of the API, held to the format (`"0"`, `"12"`, `"0.0000049"`), in units.
 fn parse_cost(text: &str) -> Result<u128, String> {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use super::keys::{KeyInfo, KeySource};
+use super::keys::KeyInfo;
 use super::{Actor, Admin, AdminError, FieldProblem, Params, RawJson, Write};
 use crate::core::Consumer;
 use crate::lookup::Invalidation;
@@ -20,7 +20,7 @@ use crate::store::{AdminOp, keys};
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
-/// Where a consumer's record comes from.
+/// Where a consumer's record, or a key, comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Seed,
@@ -116,8 +116,7 @@ impl Admin {
         username: &str,
         body: &Value,
     ) -> Result<(bool, RawJson), AdminError> {
-        let _one_at_a_time = self.writes.lock().await;
-        self.store_for_write()?;
+        let _one_at_a_time = self.begin_write().await?;
         if !body.is_object() {
             return Err(AdminError::BadRequest(
                 "The body must be a JSON object".into(),
@@ -167,8 +166,7 @@ impl Admin {
         actor: &Actor,
         username: &str,
     ) -> Result<Value, AdminError> {
-        let _one_at_a_time = self.writes.lock().await;
-        self.store_for_write()?;
+        let _one_at_a_time = self.begin_write().await?;
         self.find_consumer(username)
             .await?
             .ok_or(AdminError::NotFound("No such consumer"))?;
@@ -179,11 +177,11 @@ impl Admin {
         for key in &keys {
             invalidations.push(Invalidation::Key(key.hash));
             ops.push(match key.source {
-                KeySource::Operator => AdminOp::Del {
+                Source::Operator => AdminOp::Del {
                     key: keys::key_record(&key.hash),
                 },
                 // A seed key stays revoked across reloads and restarts.
-                KeySource::Seed => AdminOp::Set {
+                Source::Seed => AdminOp::Set {
                     key: keys::key_record(&key.hash),
                     value: KeyRecord {
                         revoked: true,

@@ -15,6 +15,7 @@ use rand::TryRngCore as _;
 use rand::rngs::OsRng;
 use serde_json::{Map, Value, json};
 
+use super::consumers::Source;
 use super::{Actor, Admin, AdminError, FieldProblem, Write};
 use crate::core::KeyHash;
 use crate::lookup::Invalidation;
@@ -26,21 +27,14 @@ const MAX_GRACE_SECS: i64 = 31_536_000;
 /// Longest key name.
 const MAX_NAME_CHARS: usize = 128;
 
-/// Who owns a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeySource {
-    /// Made by the admin API.
-    Operator,
-    /// In the running seed (perhaps with an operator's override).
-    Seed,
-}
-
 /// One key of a consumer, as listed (never the key itself).
 #[derive(Debug, Clone)]
 pub struct KeyInfo {
     pub id: String,
     pub hash: KeyHash,
-    pub source: KeySource,
+    /// Made by the admin API (`Operator`), or in the running seed, perhaps with an operator's
+    /// override (`Seed`).
+    pub source: Source,
     pub name: Option<String>,
     pub created: Option<Timestamp>,
     pub expires_at: Option<Timestamp>,
@@ -55,10 +49,7 @@ impl KeyInfo {
             "created": self.created.map(|t| t.to_string()),
             "expires_at": self.expires_at.map(|t| t.to_string()),
             "disabled": self.disabled,
-            "source": match self.source {
-                KeySource::Operator => "operator",
-                KeySource::Seed => "seed",
-            },
+            "source": self.source.as_str(),
         })
     }
 
@@ -183,7 +174,7 @@ impl Admin {
                 listed.push(KeyInfo {
                     id: id.clone(),
                     hash: *hash,
-                    source: KeySource::Operator,
+                    source: Source::Operator,
                     name: r.name,
                     created: Some(r.created),
                     expires_at: r.expires_at,
@@ -226,8 +217,7 @@ impl Admin {
         username: &str,
         body: &Value,
     ) -> Result<Value, AdminError> {
-        let _one_at_a_time = self.writes.lock().await;
-        self.store_for_write()?;
+        let _one_at_a_time = self.begin_write().await?;
         let fields = object(body, &["name", "expires_at"])?;
         let name = key_name(&fields)?;
         let now = Timestamp::now();
@@ -263,8 +253,7 @@ impl Admin {
         id: &str,
         body: &Value,
     ) -> Result<Value, AdminError> {
-        let _one_at_a_time = self.writes.lock().await;
-        self.store_for_write()?;
+        let _one_at_a_time = self.begin_write().await?;
         let fields = object(body, &["grace_secs", "expires_at"])?;
         let grace = grace_secs(&fields)?;
         let now = Timestamp::now();
@@ -315,8 +304,7 @@ impl Admin {
         id: &str,
         body: &Value,
     ) -> Result<Value, AdminError> {
-        let _one_at_a_time = self.writes.lock().await;
-        self.store_for_write()?;
+        let _one_at_a_time = self.begin_write().await?;
         let fields = object(body, &["disabled", "expires_at"])?;
         let disabled = match fields.get("disabled") {
             None => None,
@@ -361,8 +349,7 @@ impl Admin {
         username: &str,
         id: &str,
     ) -> Result<Value, AdminError> {
-        let _one_at_a_time = self.writes.lock().await;
-        self.store_for_write()?;
+        let _one_at_a_time = self.begin_write().await?;
         let key = self.key_of(username, id).await?;
         let write = Write {
             action: "key.revoke",
@@ -379,7 +366,7 @@ fn seed_key(hash: KeyHash) -> KeyInfo {
     KeyInfo {
         id: seed_key_id(&hash),
         hash,
-        source: KeySource::Seed,
+        source: Source::Seed,
         name: None,
         created: None,
         expires_at: None,
@@ -404,7 +391,7 @@ fn add_key_ops(username: &str, key: &NewKey, record: &KeyRecord) -> Vec<AdminOp>
 /// An operator key's record goes; a seed key gets a revoked override (the seed still lists it).
 fn revoke_ops(username: &str, key: &KeyInfo, now: Timestamp) -> Vec<AdminOp> {
     match key.source {
-        KeySource::Operator => vec![
+        Source::Operator => vec![
             AdminOp::Del {
                 key: keys::key_record(&key.hash),
             },
@@ -413,7 +400,7 @@ fn revoke_ops(username: &str, key: &KeyInfo, now: Timestamp) -> Vec<AdminOp> {
                 field: key.id.clone(),
             },
         ],
-        KeySource::Seed => vec![AdminOp::Set {
+        Source::Seed => vec![AdminOp::Set {
             key: keys::key_record(&key.hash),
             value: KeyRecord {
                 revoked: true,

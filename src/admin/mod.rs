@@ -152,6 +152,13 @@ impl Admin {
         }
     }
 
+    /// Starts an admin write: refused at once without Redis, else this replica's turn (held for
+    /// the returned guard's life, so what the write checks is not changed under it from here).
+    async fn begin_write(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, AdminError> {
+        self.store_for_write()?;
+        Ok(self.writes.lock().await)
+    }
+
     /// Redis for a read (`None` in embedded mode: the seed is all there is).
     fn store_for_read(&self) -> Result<Option<&Arc<RedisStore>>, AdminError> {
         match &self.store {

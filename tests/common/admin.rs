@@ -264,16 +264,7 @@ impl Node {
 
     /// An admin call with this node's token.
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
-        let bearer = format!("Bearer {}", self.token);
-        let body = body.map(|b| b.to_string().into_bytes());
-        admin_request(
-            self.admin,
-            None,
-            method,
-            path,
-            Some(&bearer),
-            body.as_deref(),
-        )
+        self.call_as(&self.token, method, path, body)
     }
 
     /// An admin call with a raw body (e.g. malformed JSON) and this node's token.

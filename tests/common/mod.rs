@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod echo;
+pub mod money;
 pub mod redis;
 pub mod reload;
 

@@ -18,7 +18,6 @@ use serde_json::{Value, json};
 const USAGE_TOKEN: &str = "usage-ingest-token-for-the-export";
 const ADMIN_TOKEN: &str = "admin-token-0123456789abcdefghijklmnop";
 const TDL: &str = "{T1: [0], T2: [0], T3: [0], T4: [0], T5: [0], T6: [0], T7: [0], T8: [0], T9: [0], T10: [0], T11: [0], T12: [0]}";
-/// 10⁻¹² of the price unit: the service's exact unit (SPEC §9).
 
 /// A username that CSV must quote (a comma and quotes: printable ASCII, allowed by SPEC §3).
 const BOB: &str = "bob \"the builder\", jr";

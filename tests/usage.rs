@@ -20,7 +20,6 @@ use serde_json::{Value, json};
 
 const TOKEN: &str = "usage-ingest-token-7f3a";
 const TDL: &str = "{T1: [0], T2: [0], T3: [0], T4: [0], T5: [0], T6: [0], T7: [0], T8: [0], T9: [0], T10: [0], T11: [0], T12: [0]}";
-/// 10⁻¹² of the price unit: the service's exact unit (SPEC §9).
 
 // ---------------------------------------------------------------------------------------------
 // Seeds and services

@@ -159,8 +159,7 @@ impl Resolver {
     /// Forgets every cached answer, in the shared cache and in every thread's copies (a seed
     /// reload, a pub/sub (re)subscription: a message may have been missed).
     pub fn invalidate_all(&self) {
-        self.cache.invalidate_all();
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.invalidate(&Invalidation::All);
     }
 
     /// Forgets the cached answers `target` may have changed.

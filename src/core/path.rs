@@ -39,7 +39,8 @@ pub fn is_canonical(raw: &[u8]) -> bool {
             .any(|w| w[0] == b'/' && matches!(w[1], b'/' | b'.'))
 }
 
-fn hex_value(b: u8) -> Option<u8> {
+/// The value of one hex digit (`%XX` escapes; also the admin API's path segments).
+pub(crate) fn hex_value(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
         b'a'..=b'f' => Some(b - b'a' + 10),

@@ -23,6 +23,7 @@ use subtle::ConstantTimeEq;
 use super::answer::{self, Body};
 use crate::admin::{Actor, Admin, AdminError, ReloadTrigger};
 use crate::config::AdminToken;
+use crate::core::path::hex_value;
 
 /// Failed token checks allowed per client address per second (SPEC §10); past it 429.
 pub const FAILURES_PER_SECOND: u32 = 10;
@@ -270,9 +271,9 @@ fn percent_decode(bytes: &[u8]) -> Option<Vec<u8>> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            let text = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(text, 16).ok()?);
+            let high = hex_value(*bytes.get(i + 1)?)?;
+            let low = hex_value(*bytes.get(i + 2)?)?;
+            out.push(high * 16 + low);
             i += 3;
         } else {
             out.push(bytes[i]);
@@ -358,4 +359,18 @@ pub fn error_answer(error: &AdminError) -> Response<Body> {
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_segments_are_percent_decoded_strictly() {
+        assert_eq!(decode("team%2Da").unwrap(), "team-a");
+        assert_eq!(decode("%EB%AF%BF").unwrap(), "믿");
+        for bad in ["%", "%2", "%+1", "%zz", "%ff"] {
+            assert!(decode(bad).is_err(), "{bad}");
+        }
+    }
 }
